@@ -1,0 +1,84 @@
+"""SIMT fused forward: one warp per query, lanes split head_dim, online softmax in fp32.
+
+The first family: it exists so the whole pipeline (spec -> render -> nvcc -> manifest -> runtime) is real
+before tensor-core kernels; it also serves every problem the faster families do not cover.
+"""
+from __future__ import annotations
+
+import itertools
+
+from ..spec import ANY, KernelSpec
+
+FAMILY = "simt"
+TEMPLATE = "simt_fwd.cu.j2"
+TOOLCHAIN = "nvcc"
+SOURCE_SUFFIX = ".cu"
+
+SPECIALIZED_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
+HEAD_DIMS = (32, 64, 128)
+DTYPES = ("f32", "f16", "bf16")
+WARP = 32
+# One warp per query; 4 queries per CTA keeps 128 threads, enough resident warps to hide latency.
+TILES = {1: (4,), 2: (2, 2), 3: (1, 2, 2)}
+
+
+def candidates(policy: str):
+    full = policy == "full"
+    for rank in (1, 2, 3):
+        tile = TILES[rank]
+        for dtype, head_dim in itertools.product(DTYPES, HEAD_DIMS):
+            for kernel in list(range(2, 16)):
+                for dil in (1, 2, 3, 4):
+                    for causal in itertools.product((False, True), repeat=rank):
+                        spec = KernelSpec(FAMILY, "fwd", rank, (kernel,) * rank, (dil,) * rank, causal,
+                                          dtype, head_dim, tile, "sm80")
+                        reason = None
+                        if kernel not in SPECIALIZED_KERNEL_SIZES:
+                            reason = "kernel size outside the specialized set 3..13 (odd): served by the K=any instance"
+                        elif dil != 1 and not full:
+                            reason = "dilation != 1 is served by the D=any instance (policy default)"
+                        elif any(causal) and not full:
+                            reason = "causal windows vary per query, so a constant K buys little: served by K=any"
+                        yield spec, reason
+            for causal in itertools.product((False, True), repeat=rank):
+                yield KernelSpec(FAMILY, "fwd", rank, ANY, ANY, causal, dtype, head_dim, tile, "sm80"), None
+    for rank in (1, 2, 3):
+        yield (KernelSpec(FAMILY, "fwd", rank, ANY, ANY, (False,) * rank, "f16", 256, TILES[rank], "sm80"),
+               "head_dim 256 needs 8 fp32 accumulators per lane: left to the tensor-core families")
+
+
+def launch(spec: KernelSpec) -> dict:
+    return {
+        "threads": WARP * spec.queries_per_tile,
+        "dynamic_smem": 0,
+        "queries_per_cta": spec.queries_per_tile,
+        # every query computes exactly its own neighbors: no masked pairs are computed
+        "computed_keys_per_useful_key": 1.0,
+    }
+
+
+def context(spec: KernelSpec) -> dict:
+    rank = spec.rank
+    pad = 3 - rank
+    if spec.kernel_size == ANY:
+        kernel_size = [f"kernel_arg{d}" for d in range(rank)] + ["1"] * pad
+    else:
+        kernel_size = [str(x) for x in spec.kernel_size] + ["1"] * pad
+    if spec.dilation == ANY:
+        dilation = [f"dilation_arg{d}" for d in range(rank)] + ["1"] * pad
+    else:
+        dilation = [str(x) for x in spec.dilation] + ["1"] * pad
+    causal = [("true" if c else "false") for c in spec.causal] + ["false"] * pad
+    # a constant trip count lets nvcc unroll the neighbor loop; causal windows shrink near the start
+    count = [kernel_size[d] if (causal[d] == "false" and spec.kernel_size != ANY) else f"window_count{d}"
+             for d in range(3)]
+    return {
+        "threads": WARP * spec.queries_per_tile,
+        "tile": list(spec.tile) + [1] * pad,
+        "kernel_size": kernel_size,
+        "dilation": dilation,
+        "causal": causal,
+        "count": count,
+        "head_dim": spec.head_dim,
+        "elems_per_lane": spec.head_dim // WARP,
+    }

@@ -1,0 +1,127 @@
+"""Compiles CUDA instances to cubins with nvcc and reads their resource use from `ptxas -v`.
+
+Cubins live in a content-addressed build cache outside generated/: the key covers the source, the device
+headers, the nvcc version, the flags and the arch, so a rebuild recompiles only what changed.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from .render import DEVICE_HEADERS, TEMPLATES_DIR
+
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-Xptxas", "-v")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("NATGEN_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "natgen"
+
+
+def find_nvcc() -> Optional[str]:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def arch_number(arch: str) -> int:
+    """'sm_90' / 'sm90' / 'sm_90a' -> 90."""
+    match = re.fullmatch(r"sm_?(\d+)a?", arch)
+    if not match:
+        raise ValueError(f"arch={arch!r} must look like sm_80 or sm_90")
+    return int(match.group(1))
+
+
+def cubin_key(source: str, arch: str, nvcc: str, templates_dir: Path = TEMPLATES_DIR) -> str:
+    digest = hashlib.sha256()
+    digest.update(source.encode() + b"\0")
+    for name in DEVICE_HEADERS:
+        digest.update((Path(templates_dir) / name).read_bytes() + b"\0")
+    digest.update(nvcc_version(nvcc).encode() + b"\0" + " ".join(NVCC_FLAGS).encode() + b"\0" + arch.encode())
+    return digest.hexdigest()[:32]
+
+
+def cubin_path(key: str) -> Path:
+    return cache_root() / "cubin" / f"{key}.cubin"
+
+
+_FUNCTION_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
+_PROPS_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas(text: str) -> dict:
+    """Figures of the (single) entry function in `ptxas -v` output."""
+    figures = {"registers": None, "smem_bytes": 0, "stack_bytes": 0, "spill_stores": 0, "spill_loads": 0}
+    for line in text.splitlines():
+        props = _PROPS_RE.search(line)
+        if props:
+            figures["stack_bytes"], figures["spill_stores"], figures["spill_loads"] = map(int, props.groups())
+        used = _USED_RE.search(line)
+        if used:
+            figures["registers"] = int(used.group(1))
+            figures["smem_bytes"] = int(used.group(2) or 0)
+    if figures["registers"] is None:
+        raise ValueError("no 'Used N registers' line in ptxas output:\n" + text)
+    return figures
+
+
+def compile_cubin(source_path: Path, source: str, arch: str, nvcc: Optional[str] = None,
+                  templates_dir: Path = TEMPLATES_DIR, force: bool = False) -> dict:
+    """Compile one instance for one arch (cached). Returns ptxas figures plus the cubin key."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found on PATH (nor under CUDA_HOME / CUDA_PATH / /usr/local/cuda)")
+    key = cubin_key(source, arch, nvcc, templates_dir)
+    cubin = cubin_path(key)
+    stats_file = cubin.with_suffix(".json")
+    if not force and cubin.exists() and stats_file.exists():
+        try:
+            return json.loads(stats_file.read_text())
+        except (OSError, ValueError):
+            pass  # a corrupt stats file is rebuilt, never trusted
+    cubin.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cubin.with_name(f".{cubin.name}.{os.getpid()}.tmp")
+    cmd = [nvcc, "-cubin", f"-arch={arch}", *NVCC_FLAGS, "-I", str(templates_dir), "-o", str(tmp), str(source_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if tmp.exists():
+            tmp.unlink()
+        raise RuntimeError(f"nvcc failed for {source_path.name} ({arch}):\n{proc.stderr.strip()}")
+    figures = parse_ptxas(proc.stderr + proc.stdout)
+    figures["cubin_key"] = key
+    os.replace(tmp, cubin)
+    from .library import atomic_write  # local import: library imports render, which imports us indirectly
+    atomic_write(stats_file, (json.dumps(figures, sort_keys=True) + "\n").encode())
+    return figures
+
+
+def compile_ptx(source_path: Path, arch: str = "sm_80", nvcc: Optional[str] = None,
+                templates_dir: Path = TEMPLATES_DIR) -> str:
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found on PATH: `natgen show --ptx` needs the CUDA toolkit")
+    cmd = [nvcc, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "--use_fast_math", "-I", str(templates_dir),
+           "-o", "-", str(source_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc -ptx failed for {source_path.name}:\n{proc.stderr.strip()}")
+    return proc.stdout

@@ -1,0 +1,207 @@
+"""natgen.na1d / na2d / na3d: validation, backend choice, autograd."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import launch as launch_mod
+from . import selector
+from .manifest import Instance
+from .problem import Problem, make_problem
+from .reference import na_reference
+
+log = logging.getLogger("natgen")
+
+EMULATED_ARCH = "sm_80"
+
+
+@dataclass
+class Backend:
+    """forward(problem, q, k, v, extra_k, extra_v, arch) -> (out, lse, instance name or None).
+    backward(ctx_tensors..., grad_out, grad_lse) -> grads, or None to recompute through the reference."""
+    name: str
+    forward: Callable
+    device_type: str                      # "cuda" or "cpu": the tensors it takes
+    available: Callable[[], bool]
+    choose: Callable[[Problem, str], Optional[Instance]]   # raises NoKernelError when nothing fits
+    backward: Optional[Callable] = None
+
+
+BACKENDS: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+# ------------------------------------------------------------------------------------------- backends
+def _cuda_available() -> bool:
+    from . import cuda
+    return cuda.available()
+
+
+def _cuda_target(problem: Problem, arch: Optional[str]) -> selector.Target:
+    from . import cuda
+    if arch is None:
+        return selector.Target("cuda", cuda.device_arch(problem.device), cuda.device_sms(problem.device))
+    return selector.Target("cuda", arch)
+
+
+def _choose_cuda(problem: Problem, arch: Optional[str] = None) -> Instance:
+    return selector.select(problem, _cuda_target(problem, arch)).instance
+
+
+def _forward_cuda(problem, q, k, v, extra_k, extra_v, arch=None):
+    from . import cuda
+    instance = _choose_cuda(problem, arch)
+    buffers = launch_mod.allocate(problem, q, k, v, extra_k, extra_v)
+    cuda.run(instance, launch_mod.plan(instance, problem, buffers), q.device)
+    return buffers.out, buffers.lse, instance.name
+
+
+def _emulator_available() -> bool:
+    try:
+        from . import emulator  # noqa: F401
+        return hasattr(emulator, "launch")
+    except ImportError:
+        return False
+
+
+def _choose_emulated(problem: Problem, arch: Optional[str] = None) -> Instance:
+    return selector.select(problem, selector.Target("cuda", arch or EMULATED_ARCH)).instance
+
+
+def _forward_emulated(problem, q, k, v, extra_k, extra_v, arch=None):
+    from . import emulator
+    instance = _choose_emulated(problem, arch)
+    buffers = launch_mod.allocate(problem, q, k, v, extra_k, extra_v)
+    plan = launch_mod.plan(instance, problem, buffers)
+    emulator.launch(instance.source_path.read_text(), instance.entry["symbol"], plan.grid, plan.block, plan.args,
+                    shared_mem=plan.shared_mem)
+    return buffers.out, buffers.lse, instance.name
+
+
+def _reference_forward(problem, q, k, v, extra_k, extra_v, arch=None):
+    out, lse = na_reference(q, k, v, problem, extra_k, extra_v, return_lse=True)
+    return out, lse, None
+
+
+register_backend(Backend("reference", _reference_forward, "any", lambda: True, lambda p, a=None: None))
+register_backend(Backend("cuda", _forward_cuda, "cuda", _cuda_available, _choose_cuda))
+register_backend(Backend("emulator", _forward_emulated, "cpu", _emulator_available, _choose_emulated))
+
+
+def resolve_backend(problem: Problem, backend: Optional[str]) -> str:
+    device_type = problem.device.type
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} must be one of {sorted(BACKENDS)} or None")
+        chosen = BACKENDS[backend]
+        if chosen.device_type not in ("any", device_type):
+            raise ValueError(f"backend={backend!r} runs on {chosen.device_type} tensors, got {device_type} tensors")
+        if not chosen.available():
+            raise RuntimeError(f"backend={backend!r} is not available here"
+                               + (": install CuPy (natgen[cuda13]) and use a CUDA device" if backend == "cuda" else ""))
+        return backend
+    preferred = {"cuda": ["cuda"], "cpu": ["cpu"]}.get(device_type, [])
+    for name in preferred:
+        candidate = BACKENDS.get(name)
+        if candidate is None or not candidate.available():
+            continue
+        try:
+            candidate.choose(problem)
+            return name
+        except selector.NoKernelError as exc:
+            log.info("natgen: %s; using the reference backend", exc)
+    return "reference"
+
+
+# ------------------------------------------------------------------------------------------- autograd
+def _reference_grads(problem, tensors, grad_out, grad_lse):
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
+        q, k, v, extra_k, extra_v = inputs
+        out, lse = na_reference(q, k, v, problem, extra_k, extra_v, return_lse=True)
+        outputs, cotangents = [out], [grad_out]
+        if grad_lse is not None:
+            outputs.append(lse)
+            cotangents.append(grad_lse)
+        wanted = [t for t in inputs if t is not None]
+        grads = iter(torch.autograd.grad(outputs, wanted, cotangents, allow_unused=True))
+    return tuple(next(grads) if t is not None else None for t in inputs)
+
+
+class _NeighborhoodAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, problem, backend_name, arch, q, k, v, extra_k, extra_v):
+        backend = BACKENDS[backend_name]
+        out, lse, _ = backend.forward(problem, q, k, v, extra_k, extra_v, arch)
+        ctx.problem, ctx.backend_name = problem, backend_name
+        ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
+        backend = BACKENDS[ctx.backend_name]
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if backend.backward is not None:
+            grads = backend.backward(ctx.problem, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse)
+        else:
+            # backends without generated backward kernels recompute through the O(N*K) reference
+            grads = _reference_grads(ctx.problem, (q, k, v, extra_k, extra_v), grad_out, grad_lse)
+        return (None, None, None, *grads)
+
+
+def _contiguous(tensor):
+    return tensor.contiguous() if tensor is not None else None
+
+
+def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                           additional_keys=None, additional_values=None, return_lse=False, backend=None,
+                           arch=None):
+    problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
+                           additional_keys, additional_values)
+    name = resolve_backend(problem, backend)
+    if name == "reference":
+        return na_reference(q, k, v, problem, additional_keys, additional_values, return_lse=return_lse)
+    tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad:
+        out, lse = _NeighborhoodAttention.apply(problem, name, arch, *tensors)
+    else:
+        out, lse, _ = BACKENDS[name].forward(problem, *tensors, arch)
+    return (out, lse) if return_lse else out
+
+
+def choose(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
+           additional_values=None, backend=None, arch=None) -> Tuple[str, Optional[str]]:
+    """(backend, instance name) that a call with these arguments would run; the instance is None for the
+    reference."""
+    problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
+                           additional_keys, additional_values)
+    name = resolve_backend(problem, backend)
+    instance = BACKENDS[name].choose(problem, arch) if name != "reference" else None
+    return name, (instance.name if instance is not None else None)
+
+
+def _op(rank):
+    def op(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
+           additional_values=None, return_lse=False, backend=None):
+        return neighborhood_attention(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
+                                      additional_keys, additional_values, return_lse, backend)
+    op.__name__ = f"na{rank}d"
+    op.__qualname__ = op.__name__
+    op.__doc__ = (f"{rank}-D neighborhood attention on [batch, {', '.join('XYZ'[:rank])}, heads, head_dim] tensors.\n\n"
+                  "kernel_size, stride, dilation, is_causal: an int/bool or one per spatial dim. "
+                  "additional_keys/values: [batch, n_extra, heads, head_dim], attended by every query. "
+                  "return_lse also returns the float32 log-sum-exp [batch, *spatial, heads]. backend: None "
+                  "(best available), 'reference', 'cuda', 'cpu' or 'emulator'.")
+    return op
+
+
+na1d, na2d, na3d = _op(1), _op(2), _op(3)
