@@ -75,13 +75,16 @@ def _choose_emulated(problem: Problem, arch: Optional[str] = None) -> Instance:
 
 
 def _forward_emulated(problem, q, k, v, extra_k, extra_v, arch=None):
-    from . import emulator
     instance = _choose_emulated(problem, arch)
     buffers = launch_mod.allocate(problem, q, k, v, extra_k, extra_v)
-    plan = launch_mod.plan(instance, problem, buffers)
+    _emulate(instance, launch_mod.plan(instance, problem, buffers))
+    return buffers.out, buffers.lse, instance.name
+
+
+def _emulate(instance, plan):
+    from . import emulator
     emulator.launch(instance.source_path.read_text(), instance.entry["symbol"], plan.grid, plan.block, plan.args,
                     shared_mem=plan.shared_mem)
-    return buffers.out, buffers.lse, instance.name
 
 
 def _reference_forward(problem, q, k, v, extra_k, extra_v, arch=None):
@@ -187,6 +190,32 @@ def choose(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sc
     name = resolve_backend(problem, backend)
     instance = BACKENDS[name].choose(problem, arch) if name != "reference" else None
     return name, (instance.name if instance is not None else None)
+
+
+def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                 additional_keys=None, additional_values=None, via="emulator"):
+    """Run one named CUDA instance (bypassing the selector) on the GPU (`via="cuda"`) or through the
+    emulator (`via="emulator"`, CPU tensors). Returns (out, lse). For tests and debugging; the instance
+    must support the problem, which is checked first."""
+    from .manifest import find
+    problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
+                           additional_keys, additional_values)
+    instance = find(name)
+    arch = "sm_90" if via == "emulator" or instance.spec.arch == "sm90" else "sm_80"
+    reasons = selector.not_supported_reasons(instance, problem, selector.Target("cuda", arch))
+    if reasons:
+        raise ValueError(f"instance {name} cannot run this problem: {'; '.join(reasons)}")
+    tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
+    buffers = launch_mod.allocate(problem, *tensors)
+    plan = launch_mod.plan(instance, problem, buffers)
+    if via == "emulator":
+        _emulate(instance, plan)
+    elif via == "cuda":
+        from . import cuda
+        cuda.run(instance, plan, q.device)
+    else:
+        raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
+    return buffers.out, buffers.lse
 
 
 def _op(rank):
