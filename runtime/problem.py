@@ -1,0 +1,221 @@
+"""One neighborhood-attention call, normalized and validated before any kernel sees it.
+
+Every backend (generated CUDA, generated CPU, the torch reference) receives a `Problem`, so the
+rules of SEMANTICS.md are checked in exactly one place and an invalid call fails with a message that
+names the argument, its value and the rule, instead of a crash or a silently wrong result deep inside
+a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Names of the spatial axes, only used to make layout errors readable.
+_SPATIAL_AXIS_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
+@dataclass(frozen=True)
+class Problem:
+    rank: int
+    batch: int
+    spatial: tuple[int, ...]
+    heads: int
+    head_dim: int
+    head_dim_v: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    scale: float
+    n_extra: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def window(self) -> int:
+        return math.prod(self.kernel_size)
+
+
+def window_1d(i: int, L: int, K: int, S: int, D: int, C: bool) -> tuple[int, int, int]:
+    """The keys query `i` sees along one axis, as (group, start, end) in group-local coordinates.
+
+    Key `j` is seen iff `j % D == group` and `start <= j // D < end`. This is SEMANTICS.md's 1-D
+    rule verbatim; the inward shift at the far border is what keeps every non-causal window at
+    exactly K keys.
+    """
+    group = i % D
+    local = i // D
+    group_length = L // D + (1 if group < L % D else 0)
+    left = K // 2
+    right = K // 2 + (K % 2) - 1
+    if not C:
+        centre = min((local // S) * S + S // 2, group_length - 1)
+        start = max(centre - left, 0)
+        if centre + right >= group_length:
+            start += group_length - right - centre - 1
+        end = start + K
+    else:
+        centre = min((local // S) * S + S - 1, group_length - 1)
+        start = max(centre - left - right, 0)
+        end = min(local + 1, group_length)
+    return group, start, end
+
+
+def _layout(rank: int) -> str:
+    return "[batch, " + ", ".join(_SPATIAL_AXIS_NAMES[rank]) + ", heads, head_dim]"
+
+
+def _check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in SUPPORTED_DTYPES:
+        supported = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name}.dtype={value.dtype} is not supported; expected one of {supported}")
+    return value
+
+
+def _per_dim_ints(name: str, value, rank: int) -> tuple[int, ...]:
+    entries = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+    if isinstance(value, (tuple, list)) and len(entries) != rank:
+        raise ValueError(
+            f"{name}={tuple(value)} has {len(entries)} entries; a rank-{rank} problem needs an int "
+            f"or {rank} entries")
+    normalized = []
+    for dim, entry in enumerate(entries):
+        # bool is an int subclass, so `kernel_size=True` would otherwise pass as 1.
+        if isinstance(entry, bool):
+            raise TypeError(f"{name}[{dim}]={entry!r} must be an int, not a bool")
+        try:
+            normalized.append(operator.index(entry))
+        except TypeError:
+            raise TypeError(
+                f"{name}[{dim}]={entry!r} must be an int, got {type(entry).__name__}") from None
+    return tuple(normalized)
+
+
+def _per_dim_bools(name: str, value, rank: int) -> tuple[bool, ...]:
+    entries = tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+    if isinstance(value, (tuple, list)) and len(entries) != rank:
+        raise ValueError(
+            f"{name}={tuple(value)} has {len(entries)} entries; a rank-{rank} problem needs a bool "
+            f"or {rank} entries")
+    for dim, entry in enumerate(entries):
+        # Only real bools: an int like 2 is more likely a misplaced kernel size than a flag.
+        if not isinstance(entry, bool):
+            raise TypeError(
+                f"{name}[{dim}]={entry!r} must be a bool, got {type(entry).__name__}")
+    return tuple(entries)
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale={scale!r} must be a real number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale} must be a positive finite number")
+    return scale
+
+
+def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                 additional_keys=None, additional_values=None) -> Problem:
+    """Normalize per-dim parameters to tuples and validate the call against SEMANTICS.md."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank={rank!r} must be an int")
+    if rank not in (1, 2, 3):
+        raise ValueError(f"rank={rank} must be 1, 2 or 3")
+
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, tensor)
+
+    expected_dims = rank + 3
+    if q.dim() != expected_dims:
+        raise ValueError(
+            f"q has rank-{rank} layout {_layout(rank)} ({expected_dims} dims), "
+            f"got shape {tuple(q.shape)}")
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != expected_dims or tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
+        raise ValueError(
+            f"v must have q's shape {tuple(q.shape[:-1])} followed by any head_dim_v, "
+            f"got {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k and v must share one dtype, got q.dtype={q.dtype}, k.dtype={k.dtype}, "
+            f"v.dtype={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k and v must be on one device, got q.device={q.device}, k.device={k.device}, "
+            f"v.device={v.device}")
+
+    batch = q.shape[0]
+    spatial = tuple(q.shape[1:1 + rank])
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    head_dim_v = v.shape[-1]
+    for name, size in (("batch", batch), ("heads", heads), ("head_dim", head_dim),
+                       ("head_dim_v", head_dim_v)):
+        if size < 1:
+            raise ValueError(f"{name}={size} must be >= 1 (q.shape={tuple(q.shape)}, "
+                             f"v.shape={tuple(v.shape)})")
+
+    kernel_size = _per_dim_ints("kernel_size", kernel_size, rank)
+    stride = _per_dim_ints("stride", stride, rank)
+    dilation = _per_dim_ints("dilation", dilation, rank)
+    is_causal = _per_dim_bools("is_causal", is_causal, rank)
+    for dim in range(rank):
+        K, S, D, L = kernel_size[dim], stride[dim], dilation[dim], spatial[dim]
+        if K < 2:
+            raise ValueError(f"kernel_size[{dim}]={K} must be >= 2")
+        if not 1 <= S <= K:
+            raise ValueError(f"stride[{dim}]={S} must satisfy 1 <= stride <= kernel_size (={K})")
+        if D < 1:
+            raise ValueError(f"dilation[{dim}]={D} must be >= 1")
+        if K * D > L:
+            raise ValueError(
+                f"kernel_size[{dim}]={K} with dilation[{dim}]={D} needs spatial extent >= {K * D}, "
+                f"got {L}")
+
+    scale = _check_scale(scale, head_dim)
+
+    n_extra = 0
+    if (additional_keys is None) != (additional_values is None):
+        given, missing = (("additional_keys", "additional_values") if additional_values is None
+                          else ("additional_values", "additional_keys"))
+        raise ValueError(f"{given} given without {missing}; pass both or neither")
+    if additional_keys is not None:
+        _check_tensor("additional_keys", additional_keys)
+        _check_tensor("additional_values", additional_values)
+        n_extra = additional_keys.shape[1] if additional_keys.dim() == 4 else -1
+        expected_keys = (batch, n_extra, heads, head_dim)
+        if additional_keys.dim() != 4 or tuple(additional_keys.shape) != expected_keys:
+            raise ValueError(
+                f"additional_keys must have shape [batch={batch}, n_extra, heads={heads}, "
+                f"head_dim={head_dim}], got {tuple(additional_keys.shape)}")
+        expected_values = (batch, n_extra, heads, head_dim_v)
+        if tuple(additional_values.shape) != expected_values:
+            raise ValueError(
+                f"additional_values must have shape [batch={batch}, n_extra={n_extra}, "
+                f"heads={heads}, head_dim_v={head_dim_v}], got {tuple(additional_values.shape)}")
+        for name, tensor in (("additional_keys", additional_keys),
+                             ("additional_values", additional_values)):
+            if tensor.dtype != q.dtype:
+                raise ValueError(f"{name}.dtype={tensor.dtype} must match q.dtype={q.dtype}")
+            if tensor.device != q.device:
+                raise ValueError(f"{name}.device={tensor.device} must match q.device={q.device}")
+
+    return Problem(rank=rank, batch=batch, spatial=spatial, heads=heads, head_dim=head_dim,
+                   head_dim_v=head_dim_v, kernel_size=kernel_size, stride=stride,
+                   dilation=dilation, is_causal=is_causal, scale=scale, n_extra=n_extra,
+                   dtype=q.dtype, device=q.device)

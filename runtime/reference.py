@@ -1,0 +1,198 @@
+"""Pure-torch neighborhood attention: the slow, obviously-correct backend every other one is checked
+against at sizes the dense float64 test oracle cannot reach.
+
+It never forms an N x N matrix. Each query's neighbors come from a gather table of shape [N, prod(K)],
+built per axis from SEMANTICS.md's 1-D rule and combined by broadcasting (the N-D window is the
+product of the per-axis windows). Queries are processed in chunks so the gathered keys and values of
+one chunk, not of the whole problem, bound the peak memory; under autograd each chunk is checkpointed
+so backward regathers instead of keeping prod(K) copies of k and v alive.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.utils.checkpoint
+
+from .problem import Problem
+
+# Elements of gathered keys + values per chunk (16 MB in float32): the peak memory of a forward pass is
+# a few times this, while chunks stay large enough that per-chunk Python overhead does not matter.
+_GATHERED_ELEMENTS_PER_CHUNK = 1 << 22
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_table(L: int, K: int, S: int, D: int, C: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (global coordinates along the axis) [L, K] and their validity [L, K] for one axis.
+
+    The same arithmetic as `problem.window_1d`, applied to every position at once.
+    """
+    position = torch.arange(L)
+    group = position % D
+    local = position // D
+    group_length = L // D + (group < L % D).long()
+    left = K // 2
+    right = K // 2 + (K % 2) - 1
+    if not C:
+        centre = torch.minimum((local // S) * S + S // 2, group_length - 1)
+        start = (centre - left).clamp(min=0)
+        start = start + torch.where(centre + right >= group_length,
+                                    group_length - right - centre - 1, 0)
+        end = start + K
+    else:
+        centre = torch.minimum((local // S) * S + S - 1, group_length - 1)
+        start = (centre - left - right).clamp(min=0)
+        end = torch.minimum(local + 1, group_length)
+    local_key = start[:, None] + torch.arange(K)[None, :]
+    valid = local_key < end[:, None]
+    # Padded slots point at the window's first key so gathers stay in bounds; `valid` masks them.
+    local_key = torch.where(valid, local_key, start[:, None])
+    return local_key * D + group[:, None], valid
+
+
+def _neighbors(spatial, axis_tables, first_query: int, end_query: int, device):
+    """Flat key indices [q, W] and validity [q, W] for the flat query range [first_query, end_query)."""
+    flat_query = torch.arange(first_query, end_query, device=device)
+    coords = []
+    for extent in reversed(spatial):
+        coords.append(flat_query % extent)
+        flat_query = flat_query // extent
+    coords.reverse()
+
+    count = end_query - first_query
+    key_index = torch.zeros(count, 1, dtype=torch.long, device=device)
+    valid = torch.ones(count, 1, dtype=torch.bool, device=device)
+    for axis, (keys, keys_valid) in enumerate(axis_tables):
+        row_stride = math.prod(spatial[axis + 1:])
+        axis_keys = keys.to(device)[coords[axis]] * row_stride
+        axis_valid = keys_valid.to(device)[coords[axis]]
+        key_index = (key_index[:, :, None] + axis_keys[:, None, :]).reshape(count, -1)
+        valid = (valid[:, :, None] & axis_valid[:, None, :]).reshape(count, -1)
+    return key_index, valid
+
+
+def _axis_tables(spatial, kernel_size, stride, dilation, is_causal):
+    return [_axis_table(int(L), int(K), int(S), int(D), bool(C))
+            for L, K, S, D, C in zip(spatial, kernel_size, stride, dilation, is_causal)]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_neighbor_table(spatial, kernel_size, stride, dilation, is_causal, device):
+    tables = _axis_tables(spatial, kernel_size, stride, dilation, is_causal)
+    return _neighbors(spatial, tables, 0, math.prod(spatial), device)
+
+
+def neighbor_table(spatial, kernel_size, stride, dilation, is_causal, device=None):
+    """(idx LongTensor [N, W], valid BoolTensor [N, W]): row-major flat key index of each neighbor.
+
+    Entries with valid=False are padding (a causal window with fewer than prod(K) keys); their idx is a
+    real key of the same window, so gathers never go out of bounds. The tensors are cached and shared:
+    do not modify them in place.
+    """
+    rank = len(spatial)
+
+    def per_dim(value):
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+
+    return _cached_neighbor_table(
+        tuple(int(x) for x in spatial), tuple(int(x) for x in per_dim(kernel_size)),
+        tuple(int(x) for x in per_dim(stride)), tuple(int(x) for x in per_dim(dilation)),
+        tuple(bool(x) for x in per_dim(is_causal)), torch.device(device or "cpu"))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _attend_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys, extra_values):
+    """(out [batch, q, heads, head_dim_v], lse [batch, q, heads]) for one chunk of q queries.
+
+    valid is None when no window is padded (non-causal), which skips the mask.
+    """
+    batch, count, heads, _ = queries.shape
+    window = key_index.shape[1]
+    flat_index = key_index.reshape(-1)
+    keys = k_flat.index_select(1, flat_index).view(batch, count, window, heads, -1)
+    values = v_flat.index_select(1, flat_index).view(batch, count, window, heads, -1)
+
+    logits = torch.einsum("bqhd,bqwhd->bqhw", queries, keys) * scale
+    if valid is not None:
+        logits = logits.masked_fill(~valid[None, :, None, :], float("-inf"))
+    if extra_keys is not None:
+        extra_logits = torch.einsum("bqhd,behd->bqhe", queries, extra_keys) * scale
+        logits = torch.cat([logits, extra_logits], dim=-1)
+
+    # Every query sees at least itself, so the row max is finite and no row is all -inf. Detaching it
+    # is exact: out and lse do not depend on the shift, and amax's gradient would only add noise.
+    row_max = logits.amax(dim=-1, keepdim=True).detach()
+    weights = torch.exp(logits - row_max)
+    denominator = weights.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bqhw,bqwhd->bqhd", weights[..., :window], values)
+    if extra_keys is not None:
+        out = out + torch.einsum("bqhe,behd->bqhd", weights[..., window:], extra_values)
+    return out / denominator, (row_max + torch.log(denominator)).squeeze(-1)
+
+
+def na_reference(q, k, v, problem: Problem, additional_keys=None, additional_values=None,
+                 return_lse=False):
+    """Neighborhood attention per SEMANTICS.md with plain torch ops (differentiable in every input).
+
+    Returns out [batch, *spatial, heads, head_dim_v] in q's dtype, and with return_lse also
+    lse [batch, *spatial, heads] in float32.
+    """
+    expected_q = (problem.batch, *problem.spatial, problem.heads, problem.head_dim)
+    if tuple(q.shape) != expected_q:
+        raise ValueError(f"q.shape={tuple(q.shape)} does not match the problem's {expected_q}")
+    given_extra = 0 if additional_keys is None else additional_keys.shape[1]
+    if given_extra != problem.n_extra or (additional_keys is None) != (additional_values is None):
+        raise ValueError(
+            f"problem has n_extra={problem.n_extra} but additional_keys gives {given_extra} "
+            f"(additional_values {'missing' if additional_values is None else 'given'})")
+
+    batch, heads = problem.batch, problem.heads
+    num_tokens, window = problem.num_tokens, problem.window
+    compute_dtype = _compute_dtype(q.dtype)
+
+    # reshape copies non-contiguous inputs (and is a view otherwise), so strides never matter below.
+    q_flat = q.reshape(batch, num_tokens, heads, problem.head_dim).to(compute_dtype)
+    k_flat = k.reshape(batch, num_tokens, heads, problem.head_dim).to(compute_dtype)
+    v_flat = v.reshape(batch, num_tokens, heads, problem.head_dim_v).to(compute_dtype)
+    has_extra = additional_keys is not None and additional_keys.shape[1] > 0
+    if has_extra:
+        extra_keys = additional_keys.to(compute_dtype)
+        extra_values = additional_values.to(compute_dtype)
+
+    axis_tables = _axis_tables(problem.spatial, problem.kernel_size, problem.stride,
+                               problem.dilation, problem.is_causal)
+    any_padding = any(problem.is_causal)
+    per_query = batch * window * heads * (problem.head_dim + problem.head_dim_v)
+    chunk = max(1, _GATHERED_ELEMENTS_PER_CHUNK // per_query)
+
+    # With autograd, each chunk's gathered keys and values would be saved for backward, i.e. prod(K)
+    # copies of k and v in total; checkpointing keeps only the chunk's inputs and regathers in backward.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, additional_keys, additional_values))
+
+    outputs, lses = [], []
+    for first in range(0, num_tokens, chunk):
+        end = min(first + chunk, num_tokens)
+        key_index, valid = _neighbors(problem.spatial, axis_tables, first, end, q.device)
+        arguments = (q_flat[:, first:end], k_flat, v_flat, key_index,
+                     valid if any_padding else None, problem.scale,
+                     extra_keys if has_extra else None, extra_values if has_extra else None)
+        if needs_grad:
+            out, lse = torch.utils.checkpoint.checkpoint(_attend_chunk, *arguments,
+                                                         use_reentrant=False)
+        else:
+            out, lse = _attend_chunk(*arguments)
+        outputs.append(out)
+        lses.append(lse)
+
+    out = torch.cat(outputs, dim=1).reshape(batch, *problem.spatial, heads, problem.head_dim_v)
+    out = out.to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=1).reshape(batch, *problem.spatial, heads).to(torch.float32)
+    return out, lse
