@@ -89,7 +89,7 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target) 
         reasons.append(f"dilation {tuple(spec.dilation)} != {problem.dilation}")
     if tuple(spec.causal) != problem.is_causal:
         reasons.append(f"causal mask {tuple(spec.causal)} != {problem.is_causal}")
-    if target.kind == "cuda":
+    if target.kind == "cuda" and spec.arch.startswith("sm"):
         if int(target.arch.split("_")[1]) < int(spec.arch[2:]):
             reasons.append(f"needs {spec.arch}, device is {target.arch}")
     limits = instance.launch.get("limits", {})

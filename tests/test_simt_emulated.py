@@ -1,0 +1,116 @@
+"""Emulated tier, SIMT family: the generated CUDA source run on the CPU against the float64 oracle."""
+import os
+import random
+
+import pytest
+import torch
+
+import natgen
+from natgen import ops
+from natgen.manifest import load
+from oracle import assert_close_by_rule
+
+pytestmark = [pytest.mark.emulated,
+              pytest.mark.skipif(not ops.BACKENDS["emulator"].available(), reason="emulator not built")]
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def simt_instance(rank, dtype, head_dim, kernel_size="any", causal=None):
+    causal = tuple(causal or (False,) * rank)
+    for inst in load():
+        spec = inst.spec
+        if (spec.family, spec.rank, spec.dtype, spec.head_dim) == ("simt", rank, dtype, head_dim) and \
+                spec.causal == causal and (spec.kernel_size == kernel_size if kernel_size == "any"
+                                           else spec.kernel_size == (kernel_size,) * rank) and \
+                (spec.dilation == "any" if kernel_size == "any" else True):
+            return inst
+    raise LookupError(f"no simt instance rank={rank} {dtype} h{head_dim} K={kernel_size} causal={causal}")
+
+
+def random_inputs(seed, batch, spatial, heads, head_dim, dtype, n_extra=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, *spatial, heads, head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    extra = {}
+    if n_extra:
+        extra = dict(additional_keys=torch.randn(batch, n_extra, heads, head_dim, generator=gen).to(dtype),
+                     additional_values=torch.randn(batch, n_extra, heads, head_dim, generator=gen).to(dtype))
+    return q, k, v, extra
+
+
+# rank, spatial, kernel, stride, dilation, causal, n_extra: borders, several tiles, dilation groups,
+# stride groups, even windows and extra tokens, all on the generic (K=any) instances
+CORE = [
+    (1, (23,), 5, 1, 1, (False,), 0),
+    (1, (26,), 6, 4, 2, (True,), 2),
+    (2, (9, 11), (3, 4), (1, 2), (2, 1), (False, False), 0),
+    (2, (10, 8), 3, (3, 1), (1, 2), (True, False), 1),
+    (3, (5, 6, 7), (2, 3, 3), (1, 1, 2), (1, 2, 1), (False, True, False), 0),
+    (3, (4, 6, 5), 2, (2, 1, 1), 1, (True, True, True), 2),
+]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("case", CORE, ids=lambda c: f"r{c[0]}_{'x'.join(map(str, c[1]))}")
+def test_generic_simt_against_oracle(case, dtype):
+    rank, spatial, kernel, stride, dilation, causal, n_extra = case
+    q, k, v, extra = random_inputs(hash(case) % 1000, 2, spatial, 2, 32, DTYPES[dtype], n_extra)
+    instance = simt_instance(rank, dtype, 32, causal=causal)
+    params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
+    out, lse = ops.run_instance(instance.name, rank, q, k, v, **params, **extra)
+    assert_close_by_rule(out, q, k, v, lse=lse, **params, **extra)
+
+
+@pytest.mark.parametrize("rank, kernel", [(1, 13), (2, 7), (3, 3)])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_specialized_simt_against_oracle(rank, kernel, head_dim):
+    spatial = {1: (kernel + 9,), 2: (kernel + 3, kernel + 2), 3: (kernel + 2, kernel + 1, kernel)}[rank]
+    dtype = ["f32", "f16", "bf16"][head_dim // 64]
+    q, k, v, _ = random_inputs(kernel * head_dim, 1, spatial, 2, head_dim, DTYPES[dtype])
+    instance = simt_instance(rank, dtype, head_dim, kernel_size=kernel)
+    out, lse = ops.run_instance(instance.name, rank, q, k, v, kernel)
+    assert_close_by_rule(out, q, k, v, lse=lse, kernel_size=kernel)
+
+
+def test_emulator_backend_runs_what_the_selector_picks():
+    q, k, v, _ = random_inputs(5, 1, (9, 9), 2, 32, torch.float32)
+    backend, name = natgen.choose(2, q, k, v, 5, backend="emulator")
+    assert backend == "emulator" and name is not None and "_k5x5_" in name
+    out = natgen.na2d(q, k, v, 5, backend="emulator")
+    assert_close_by_rule(out, q, k, v, kernel_size=5)
+
+
+def test_emulator_backend_autograd_falls_back_to_reference_grads():
+    q, k, v, _ = random_inputs(6, 1, (7, 6), 1, 32, torch.float32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    natgen.na2d(*leaves, 3, backend="emulator").square().sum().backward()
+    expected = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    natgen.na2d(*expected, 3, backend="reference").square().sum().backward()
+    for got, want in zip(leaves, expected):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def random_cases(count, seed):
+    rng = random.Random(seed)
+    for _ in range(count):
+        rank = rng.randint(1, 3)
+        kernel = tuple(rng.randint(2, 4) for _ in range(rank))
+        dilation = tuple(rng.randint(1, 2) for _ in range(rank))
+        spatial = tuple(k * d + rng.randint(0, 4) for k, d in zip(kernel, dilation))
+        stride = tuple(rng.randint(1, k) for k in kernel)
+        causal = tuple(rng.random() < 0.4 for _ in range(rank))
+        yield rank, spatial, kernel, stride, dilation, causal, rng.choice([0, 0, 3]), rng.choice(["f32", "f16", "bf16"])
+
+
+SAMPLES = int(os.environ.get("NATGEN_EMULATED_SAMPLES", "6"))
+
+
+@pytest.mark.parametrize("case", list(random_cases(SAMPLES, 1234)), ids=lambda c: f"r{c[0]}_{c[7]}")
+def test_random_sample_against_oracle(case):
+    rank, spatial, kernel, stride, dilation, causal, n_extra, dtype = case
+    q, k, v, extra = random_inputs(sum(spatial), 1, spatial, 2, 32, DTYPES[dtype], n_extra)
+    instance = simt_instance(rank, dtype, 32, causal=causal)
+    params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
+    out, lse = ops.run_instance(instance.name, rank, q, k, v, **params, **extra)
+    assert_close_by_rule(out, q, k, v, lse=lse, **params, **extra)
