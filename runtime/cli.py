@@ -267,5 +267,68 @@ def demo(size):
     click.echo(table(["backend", "instance", "max |err| vs fp64", "ms (min of 3)"], rows))
 
 
+@main.command()
+@click.option("--set", "set_names", multiple=True, metavar="NAME",
+              help="problem set from BENCHMARKS.md (repeatable; default: cpu-2d, cpu-1d on the CPU, the GPU sets "
+                   "on cuda): nat-1d nat-2d dinat-2d nat-3d long-1d image-2d video-3d cpu-2d cpu-1d")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+              help="default: cuda when available, else cpu")
+@click.option("--peers", default="natgen,reference,flex,natten,sdpa", show_default=True,
+              help="comma-separated: natgen, reference, flex, natten, sdpa")
+@click.option("--backward", is_flag=True, help="time forward + backward of a fixed cotangent")
+@click.option("--dtype", default=None, help="fp32/fp16/bf16/fp64 (default: fp32 on the CPU, fp16 on cuda)")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="timed calls (min is kept)")
+@click.option("--batch", default=None, type=click.IntRange(1), help="shrink every set's batch to at most N")
+@click.option("--budget", default=10.0, show_default=True, type=float,
+              help="seconds: a peer whose call takes longer stops repeating (and is skipped if far beyond)")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="write a bar chart PNG")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the figures as JSON")
+@click.option("--quiet", "-q", is_flag=True, help="no progress lines")
+def bench(set_names, device, peers, backward, dtype, repeats, batch, budget, plot_path, json_path, quiet):
+    """Time natgen beside reference, flex, natten and dense SDPA on the standard problem sets."""
+    import torch
+
+    from . import bench as bench_mod
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: no CUDA device here")
+    unknown = [s for s in set_names if s not in bench_mod.SETS]
+    if unknown:
+        raise click.ClickException(f"unknown set(s) {unknown}; choose from {', '.join(bench_mod.SETS)}")
+    peer_list = list(dict.fromkeys(p.strip() for p in peers.split(",") if p.strip()))
+    bad = [p for p in peer_list if p not in bench_mod.PEERS]
+    if bad or not peer_list:
+        raise click.ClickException(f"--peers {peers!r}: choose from {', '.join(bench_mod.PEERS)}")
+    torch_dtype = None
+    if dtype is not None:
+        name = DTYPE_ALIASES.get(dtype.lower())
+        if name is None:
+            raise click.ClickException(f"--dtype {dtype!r}: choose from {', '.join(sorted(DTYPE_ALIASES))}")
+        torch_dtype = bench_mod.DTYPES[name]
+    sets = [bench_mod.SETS[s].with_batch(batch) for s in (set_names or bench_mod.DEFAULT_SETS[device])]
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install 'natgen[bench]'") from None
+    click.echo(f"machine: {bench_mod.machine_description(device)}")
+    for ps in sets:
+        if ps.shrunk_from:
+            click.echo(f"note: {ps.name} batch shrunk from {ps.shrunk_from} to {ps.batch} (--batch); spatial unchanged")
+    echo = None if quiet else (lambda m: click.echo(m, err=True))
+    results = []
+    for ps in sets:
+        result = bench_mod.run_set(ps, peer_list, device, torch_dtype, backward, repeats, budget, echo)
+        results.append(result)
+        click.echo("\n" + bench_mod.format_result(result))
+    if json_path:
+        bench_mod.write_json(results, json_path)
+        click.echo(f"\nwrote {json_path}")
+    if plot_path:
+        bench_mod.plot(results, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
 if __name__ == "__main__":
     main()
