@@ -26,7 +26,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_backend_matches_oracle(case, dtype):
     rank, spatial, kernel, stride, dilation, causal, n_extra, head_dim = case
-    gen = torch.Generator().manual_seed(hash((case, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(CASES.index(case) * 10 + dtype.itemsize)
     shape = (2, *spatial, 3, head_dim)
     q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
     extra = {}
