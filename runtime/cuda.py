@@ -89,6 +89,9 @@ def run(instance: Instance, plan: Plan, device: torch.device) -> None:
             args.append(np.uint64(value.data_ptr()))
         else:
             args.append(np.int32(value) if next(scalars) == "int" else np.float32(value))
+    if plan.shared_mem > 48 * 1024:
+        # above 48 KB a kernel must opt in to the larger dynamic shared memory carve-out
+        function.max_dynamic_shared_size_bytes = plan.shared_mem
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
     with cupy.cuda.Device(index):
         function(plan.grid, plan.block, tuple(args), shared_mem=plan.shared_mem, stream=stream)

@@ -27,6 +27,10 @@ ARCH_LIMITS = {
 # tensor-core families beat the SIMT one by the mma throughput ratio; specialization removes index math.
 FAMILY_BASE_COST = {"tcs": 1.0, "tcg": 1.3, "simt": 6.0, "cpu": 1.0}
 SPECIALIZED_DISCOUNT = 0.85
+# Resident warps per SM beyond which more occupancy stops hiding latency. The SIMT family is latency
+# bound (one dependent shuffle chain per key) and wants many warps; tensor-core CTAs keep several mma
+# and cp.async stages in flight per warp, so a few warps per scheduler already saturate them.
+SATURATING_WARPS = {"simt": 32, "tcs": 8, "tcg": 8}
 REGISTER_ALLOCATION_UNIT = 256
 
 
@@ -117,9 +121,8 @@ def static_cost(instance: Instance, problem: Problem, target: Target) -> Tuple[f
         slots = sms * resident
         waves = math.ceil(ctas / slots)
         wave_efficiency = ctas / (waves * slots)
-        # occupancy helps latency hiding up to a point; beyond 8 resident warps per scheduler it stops mattering
         warps = resident * launch["threads"] / 32
-        occupancy_factor = min(1.0, warps / 32)
+        occupancy_factor = min(1.0, warps / SATURATING_WARPS.get(spec.family, 32))
         cost /= max(wave_efficiency, 1e-3) * max(occupancy_factor, 0.125)
         details.update(ctas_per_sm=resident, waves=waves, wave_efficiency=round(wave_efficiency, 3),
                        registers=(build or {}).get("registers"))
