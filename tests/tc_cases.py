@@ -87,6 +87,15 @@ def core_cases():
         case("tcg", (18, 11), 5, dilation=(1, 2), dtype="bf16", head_dim=128, n_extra=2, selected=False),
         case("tcs", (17, 15), 9, dtype="bf16", head_dim=64, selected=False),
         case("tcs", (5, 6, 7), 3, dtype="f16", head_dim=128, selected=False),
+        # one-pass region body (templates/tcs_region_body.cuh.j2): tiles at both borders with extents not a
+        # multiple of the tile, head_dim 32/64/128, more extra tokens than the region holds (several extra
+        # slabs), and a stride whose union exceeds the region (several region slabs and score groups)
+        case("tcs", (70,), 9, dtype="bf16", head_dim=128, n_extra=85, selected=False),
+        case("tcs", (13, 22), 5, dtype="f16", head_dim=64, n_extra=3, selected=False),
+        case("tcs", (25, 19), 9, stride=(3, 2), dtype="f16", heads=2, selected=False),
+        case("tcs", (7, 30), 3, dtype="bf16", n_extra=1, selected=False),
+        case("tcs", (5, 7, 9), 3, dtype="bf16", head_dim=64, n_extra=2, selected=False),
+        case("tcs", (6, 5, 11), 3, stride=(1, 3, 2), dtype="f16", selected=False),
         # enough CTAs (batch x heads) to fill a device's waves: the static cost model picks tensor cores here
         case("tcs", (16, 16), 7, dtype="f16", batch=12, heads=9, selected=True),
         case("tcg", (256,), 63, causal=True, dtype="bf16", batch=12, heads=9, selected=True),

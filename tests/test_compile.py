@@ -60,3 +60,12 @@ def test_compile_error_is_reported_with_the_source_line(tmp_path, monkeypatch):
     broken.write_text('extern "C" __global__ void broken() {\n  int x = undefined_name;\n}\n')
     with pytest.raises(RuntimeError, match=r"broken\.cu.*undefined_name|undefined_name"):
         nvcc.compile_cubin(broken, broken.read_text(), "sm_80", NVCC)
+
+
+@pytest.mark.codegen
+def test_recorded_build_figures_have_no_spills():
+    """Whatever `natgen build` recorded in the committed manifest must be spill-free on every arch."""
+    spilling = [(entry["name"], arch, figures["spill_stores"], figures["spill_loads"])
+                for entry in load_manifest()["instances"] for arch, figures in entry.get("build", {}).items()
+                if figures.get("spill_stores") or figures.get("spill_loads")]
+    assert not spilling, f"{len(spilling)} cubins spill, e.g. {spilling[:5]}"

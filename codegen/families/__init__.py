@@ -13,3 +13,8 @@ REGISTRY = {module.FAMILY: module for module in (simt,)}
 
 def register(module):
     REGISTRY[module.FAMILY] = module
+
+
+from . import tcs; register(tcs)  # noqa: E402,E702
+from . import tcg; register(tcg)  # noqa: E402,E702
+from . import cpu; register(cpu)  # noqa: E402,E702

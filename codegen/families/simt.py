@@ -20,6 +20,9 @@ DTYPES = ("f32", "f16", "bf16")
 WARP = 32
 # One warp per query; 4 queries per CTA keeps 128 threads, enough resident warps to hide latency.
 TILES = {1: (4,), 2: (2, 2), 3: (1, 2, 2)}
+# Telling ptxas we want 8 resident CTAs (32 warps) caps it at 64 registers: without the hint it picks a
+# tighter budget for some causal 3-D variants and spills; with it every instance fits and stays occupied.
+MIN_CTAS_PER_SM = 8
 
 
 def candidates(policy: str):
@@ -71,14 +74,18 @@ def context(spec: KernelSpec) -> dict:
     causal = [("true" if c else "false") for c in spec.causal] + ["false"] * pad
     # a constant trip count lets nvcc unroll the neighbor loop; causal windows shrink near the start
     count = [kernel_size[d] if (causal[d] == "false" and spec.kernel_size != ANY) else f"window_count{d}"
-             for d in range(3)]
+             for d in range(rank)] + ["1"] * pad
+    # only the innermost real neighbor loop is unrolled: unrolling a 13x13x13 window would bloat the code
+    unroll = ["" for _ in range(rank - 1)] + ["#pragma unroll"] + [""] * pad
     return {
         "threads": WARP * spec.queries_per_tile,
+        "min_ctas_per_sm": MIN_CTAS_PER_SM,
         "tile": list(spec.tile) + [1] * pad,
         "kernel_size": kernel_size,
         "dilation": dilation,
         "causal": causal,
         "count": count,
+        "unroll": unroll,
         "head_dim": spec.head_dim,
         "elems_per_lane": spec.head_dim // WARP,
     }

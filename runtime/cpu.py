@@ -1,0 +1,140 @@
+"""The "cpu" backend: generated C++ kernels (codegen/families/cpu.py), shared libraries called through ctypes.
+
+Instance choice goes through runtime.selector with Target("cpu") on the manifest, with the problem's dtype
+replaced by the compute type (f32 for f32/f16/bf16 inputs, f64 for f64). A problem no library instance
+serves (a mixed causal mask, f64 causal, ...) gets an on-demand K=any spec, compiled once into the cache.
+Backward runs the "bwd" twin of the chosen forward spec.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Optional
+
+import torch
+
+from . import selector
+from .codegen import cpu_build
+from .codegen.families import REGISTRY
+from .codegen.families import cpu as cpu_family
+from .codegen.spec import ANY, KernelSpec
+from .manifest import Instance
+from .problem import Problem
+
+log = logging.getLogger("natgen.cpu")
+
+# Same order as natgen::Args in templates/natgen_cpu.h (every field 8 bytes).
+ARG_FIELDS = (
+    "q", "k", "v", "out", "lse", "extra_k", "extra_v",
+    "grad_out", "grad_lse", "grad_q", "grad_k", "grad_v", "grad_extra_k", "grad_extra_v",
+    "batch", "heads", "head_dim", "head_dim_v", "n_extra", "threads",
+    "length0", "length1", "length2", "kernel0", "kernel1", "kernel2", "stride0", "stride1", "stride2",
+    "dilation0", "dilation1", "dilation2", "causal0", "causal1", "causal2",
+    "scale",
+)
+assert len(ARG_FIELDS) == cpu_family.ARG_FIELD_COUNT
+
+if "cpu" not in REGISTRY:  # the family is registered in codegen/families; keep working if it is not
+    from .codegen.families import register
+    register(cpu_family)
+
+
+def available() -> bool:
+    return cpu_build.find_compiler() is not None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _on_demand(problem: Problem, op: str) -> Instance:
+    dtype = "f64" if problem.dtype == torch.float64 else "f32"
+    spec = KernelSpec("cpu", op, problem.rank, ANY, ANY, tuple(problem.is_causal), dtype, ANY,
+                      cpu_family.TILES[problem.rank], "cpu")
+    return Instance(spec, {"name": spec.name, "launch": cpu_family.launch(spec), "on_demand": True})
+
+
+def choose(problem: Problem, arch: Optional[str] = None) -> Instance:
+    return _choose(dataclasses.replace(problem, dtype=compute_dtype(problem.dtype)))
+
+
+@functools.lru_cache(maxsize=256)  # ranking the whole manifest costs ~ms; a problem's answer never changes
+def _choose(compute_problem: Problem) -> Instance:
+    try:
+        return selector.select(compute_problem, selector.Target("cpu")).instance
+    except (selector.NoKernelError, FileNotFoundError) as exc:
+        log.info("natgen: %s; compiling a K=any CPU instance on demand", exc)
+        return _on_demand(compute_problem, "fwd")
+
+
+def _twin(instance: Instance, op: str) -> KernelSpec:
+    return dataclasses.replace(instance.spec, op=op)
+
+
+def _pack(problem: Problem, tensors: dict, threads: int) -> torch.Tensor:
+    pad = 3 - problem.rank
+    values = {name: 0 for name in ARG_FIELDS}
+    for name, tensor in tensors.items():
+        values[name] = tensor.data_ptr() if tensor is not None else 0
+    values.update(batch=problem.batch, heads=problem.heads, head_dim=problem.head_dim,
+                  head_dim_v=problem.head_dim_v, n_extra=problem.n_extra, threads=threads)
+    for axis in range(3):
+        real = axis - pad
+        values[f"length{axis}"] = problem.spatial[real] if real >= 0 else 1
+        values[f"kernel{axis}"] = problem.kernel_size[real] if real >= 0 else 1
+        values[f"stride{axis}"] = problem.stride[real] if real >= 0 else 1
+        values[f"dilation{axis}"] = problem.dilation[real] if real >= 0 else 1
+        values[f"causal{axis}"] = int(problem.is_causal[real]) if real >= 0 else 0
+    packed = torch.tensor([values[name] for name in ARG_FIELDS[:-1]] + [0], dtype=torch.int64)
+    packed[-1:] = torch.tensor([problem.scale], dtype=torch.float64).view(torch.int64)
+    return packed
+
+
+def _prepare(tensor, dtype):
+    return None if tensor is None else tensor.detach().to(dtype).contiguous()
+
+
+def forward(problem: Problem, q, k, v, extra_k, extra_v, arch=None):
+    instance = choose(problem)
+    module = cpu_build.load(_twin(instance, "fwd"))
+    dtype = compute_dtype(problem.dtype)
+    q_, k_, v_, ek_, ev_ = (_prepare(t, dtype) for t in (q, k, v, extra_k, extra_v))
+    out = torch.empty(*q.shape[:-1], problem.head_dim_v, dtype=dtype)
+    lse = torch.empty(*q.shape[:-1], dtype=dtype)
+    args = _pack(problem, dict(q=q_, k=k_, v=v_, out=out, lse=lse, extra_k=ek_, extra_v=ev_),
+                 torch.get_num_threads())
+    module.run(args.data_ptr(), len(ARG_FIELDS))
+    return out.to(problem.dtype), lse.to(torch.float32), instance.name
+
+
+def backward(problem: Problem, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse):
+    instance = choose(problem)
+    module = cpu_build.load(_twin(instance, "bwd"))
+    dtype = compute_dtype(problem.dtype)
+    q_, k_, v_, ek_, ev_, do_, out_ = (_prepare(t, dtype) for t in (q, k, v, extra_k, extra_v, grad_out, out))
+    grad_lse_ = _prepare(grad_lse, dtype)
+    # the saved lse is float32: exact for f32 compute; f64 recomputes the normalizer in the kernel
+    saved_lse = _prepare(lse, dtype) if dtype == torch.float32 else None
+    # torch.empty, not zeros: the kernel zeroes what it accumulates into, so no parallel torch op runs right
+    # before it (torch's OpenMP workers spin for milliseconds after one, taking the cores the kernel needs)
+    grads = {name: torch.empty_like(t) if t is not None else None
+             for name, t in (("grad_q", q_), ("grad_k", k_), ("grad_v", v_), ("grad_extra_k", ek_),
+                             ("grad_extra_v", ev_))}
+    args = _pack(problem, dict(q=q_, k=k_, v=v_, extra_k=ek_, extra_v=ev_, out=out_, grad_out=do_,
+                               grad_lse=grad_lse_, lse=saved_lse, **grads), torch.get_num_threads())
+    module.run(args.data_ptr(), len(ARG_FIELDS))
+    result = []
+    for name, original in (("grad_q", q), ("grad_k", k), ("grad_v", v), ("grad_extra_k", extra_k),
+                           ("grad_extra_v", extra_v)):
+        grad = grads[name]
+        result.append(None if grad is None else grad.to(original.dtype))
+    return tuple(result)
+
+
+def _register():
+    from .ops import Backend, register_backend
+    register_backend(Backend("cpu", forward, "cpu", available, choose, backward=backward))
+
+
+_register()

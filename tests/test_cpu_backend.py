@@ -1,0 +1,276 @@
+"""Generated CPU kernels (shared libraries called through ctypes) against the independent float64 oracle: forward, gradients,
+gradcheck, errors, on-demand compilation and the compile cache.
+
+Every spec the sweep needs is compiled once up front, in parallel, into the normal cache (so a second run
+takes seconds); the cache tests use a private cache directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import natgen
+from natgen import cpu
+from natgen.codegen import cpu_build
+from natgen.problem import make_problem
+from oracle import assert_close_by_rule, assert_grads_close_by_rule
+
+pytestmark = [pytest.mark.cpu,
+              pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the cpu backend")]
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
+OPS = {1: natgen.na1d, 2: natgen.na2d, 3: natgen.na3d}
+
+
+@dataclass(frozen=True)
+class Case:
+    rank: int
+    spatial: tuple
+    kernel: tuple
+    stride: tuple
+    dilation: tuple
+    causal: tuple
+    n_extra: int
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    heads: int = 2
+    batch: int = 1
+
+    def __str__(self):
+        return (f"r{self.rank}_L{'x'.join(map(str, self.spatial))}_k{'x'.join(map(str, self.kernel))}"
+                f"_s{'x'.join(map(str, self.stride))}_d{'x'.join(map(str, self.dilation))}"
+                f"_c{''.join(str(int(c)) for c in self.causal)}_e{self.n_extra}_{self.dtype}"
+                f"_h{self.head_dim}v{self.head_dim_v}")
+
+
+# Causal masks the sweep may draw per rank: the library's all-False / all-True plus one mixed mask per rank
+# (compiled on demand), so the sweep compiles a bounded set of modules.
+CAUSAL_CHOICES = {1: [(False,), (True,)], 2: [(False, False), (True, True), (True, False)],
+                  3: [(False, False, False), (True, True, True), (False, True, False)]}
+
+
+def _random_case(rng: random.Random, dtype: str) -> Case:
+    rank = rng.choice([1, 2, 2, 3])
+    causal = rng.choice(CAUSAL_CHOICES[rank])
+    if dtype == "f64":  # f64 causal modules are on-demand: keep the f64 sweep on the library ones
+        causal = (False,) * rank
+    spatial, kernel, stride, dilation = [], [], [], []
+    for _ in range(rank):
+        K = rng.choice([2, 3, 4, 5] if rank == 3 else [2, 3, 4, 5, 6, 7])
+        D = rng.choice([1, 1, 2])
+        L = K * D + rng.randint(0, 5 if rank < 3 else 2)
+        spatial.append(L), kernel.append(K), dilation.append(D), stride.append(rng.randint(1, K))
+    head_dim = rng.choice([4, 8, 12])
+    head_dim_v = head_dim if rng.random() < 0.7 else rng.choice([4, 8, 12])
+    return Case(rank, tuple(spatial), tuple(kernel), tuple(stride), tuple(dilation), causal,
+                rng.choice([0, 0, 3]), dtype, head_dim, head_dim_v)
+
+
+def _sweep(seed: int, count: int):
+    rng = random.Random(seed)
+    return [_random_case(rng, dtype) for dtype in ("f32", "f16", "bf16", "f64") for _ in range(count)]
+
+
+FORWARD_CASES = _sweep(1, 5)
+GRAD_CASES = _sweep(2, 3)
+# the benchmark shape (specialized instance, K=7, head_dim 32) and a small specialized 3x3 one
+SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0, "f32", 32, 32),
+                     Case(2, (9, 11), (3, 3), (1, 2), (2, 1), (False, False), 2, "f32", 32, 32),
+                     Case(1, (70,), (31,), (1,), (2,), (False,), 0, "f32", 64, 64)]
+# what the random sweep does not reach: windows longer than one vector along the last axis (several
+# segments per row, causal there too), head_dim_v over 64 (P.V in several register blocks), batch > 1,
+# and a mixed rank-3 causal mask (on demand)
+EDGE_CASES = [Case(1, (40,), (13,), (3,), (2,), (False,), 2, "f32", 8, 72, batch=2),
+              Case(2, (12, 14), (3, 11), (1, 2), (1, 1), (False, True), 0, "f32", 8, 8, heads=3),
+              Case(3, (5, 6, 7), (2, 3, 3), (1, 1, 2), (1, 2, 1), (False, True, False), 1, "f32", 8, 8, batch=2)]
+
+
+def _tensors(case: Case, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    shape = (case.batch, *case.spatial, case.heads)
+    q = torch.randn(*shape, case.head_dim, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(*shape, case.head_dim, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(*shape, case.head_dim_v, generator=g, dtype=torch.float64).to(dtype)
+    ek = ev = None
+    if case.n_extra:
+        ek = torch.randn(case.batch, case.n_extra, case.heads, case.head_dim, generator=g,
+                         dtype=torch.float64).to(dtype)
+        ev = torch.randn(case.batch, case.n_extra, case.heads, case.head_dim_v, generator=g,
+                         dtype=torch.float64).to(dtype)
+    return q, k, v, ek, ev
+
+
+def _params(case: Case, ek=None, ev=None):
+    return dict(kernel_size=case.kernel, stride=case.stride, dilation=case.dilation, is_causal=case.causal,
+                additional_keys=ek, additional_values=ev)
+
+
+def _specs(case: Case):
+    q, k, v, ek, ev = _tensors(case)
+    instance = cpu.choose(make_problem(case.rank, q, k, v, case.kernel, case.stride, case.dilation,
+                                       case.causal, None, ek, ev))
+    return [replace(instance.spec, op="fwd"), replace(instance.spec, op="bwd")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_modules():
+    """Compile every module the tests below use, two at a time (a cold cache costs ~2 minutes on 2 cores)."""
+    specs = {spec for case in FORWARD_CASES + GRAD_CASES + SPECIALIZED_CASES + EDGE_CASES for spec in _specs(case)}
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda s: cpu_build.compile_source(s.name, cpu_build.source_for(s)), sorted(specs, key=str)))
+    return specs
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES + SPECIALIZED_CASES + EDGE_CASES, ids=str)
+def test_forward_matches_oracle(case):
+    q, k, v, ek, ev = _tensors(case)
+    out, lse = OPS[case.rank](q, k, v, case.kernel, case.stride, case.dilation, case.causal,
+                              additional_keys=ek, additional_values=ev, return_lse=True, backend="cpu")
+    assert_close_by_rule(out, q, k, v, lse=lse, **_params(case, ek, ev))
+
+
+@pytest.mark.parametrize("case", GRAD_CASES + SPECIALIZED_CASES + EDGE_CASES, ids=str)
+def test_gradients_match_oracle(case):
+    q, k, v, ek, ev = _tensors(case, seed=1)
+
+    def forward(q, k, v, additional_keys=None, additional_values=None):
+        return OPS[case.rank](q, k, v, case.kernel, case.stride, case.dilation, case.causal,
+                              additional_keys=additional_keys, additional_values=additional_values, backend="cpu")
+
+    assert_grads_close_by_rule(forward, q, k, v, seed=3, **_params(case, ek, ev))
+
+
+def test_lse_gradient_matches_reference():
+    """A loss that uses lse too: the backward kernel folds dlse into D_i."""
+    case = GRAD_CASES[0]
+    q, k, v, ek, ev = (None if t is None else t.double() for t in _tensors(case, seed=4))
+    grads = {}
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (q, k, v, ek, ev)]
+        out, lse = OPS[case.rank](*leaves[:3], case.kernel, case.stride, case.dilation, case.causal,
+                                  additional_keys=leaves[3], additional_values=leaves[4], return_lse=True,
+                                  backend=backend)
+        (out.sin().sum() + (lse.double() * 0.7).sum()).backward()
+        grads[backend] = [t.grad for t in leaves if t is not None]
+    for got, want in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # lse is float32 by contract
+
+
+@pytest.mark.parametrize("rank,spatial,kernel,stride,dilation,extra", [
+    (1, (7,), (3,), (2,), (2,), 2),
+    (2, (5, 6), (3, 2), (1, 2), (1, 2), 1),
+])
+def test_gradcheck_float64(rank, spatial, kernel, stride, dilation, extra):
+    g = torch.Generator().manual_seed(5)
+    shape = (1, *spatial, 1)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    q, k, v = make(*shape, 3), make(*shape, 3), make(*shape, 2)
+    ek, ev = make(1, extra, 1, 3), make(1, extra, 1, 2)
+
+    def fn(q, k, v, ek, ev):
+        return OPS[rank](q, k, v, kernel, stride, dilation, False, additional_keys=ek, additional_values=ev,
+                         backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, ek, ev))
+
+
+def test_benchmark_shape_uses_specialized_instance_and_default_backend():
+    q = k = v = torch.randn(1, 32, 32, 4, 32)
+    backend, name = natgen.choose(2, q, k, v, 7)
+    assert backend == "cpu"
+    assert name.startswith("na2d_fwd_cpu_k7x7_dany_c00_f32_h32"), name
+    assert torch.equal(natgen.na2d(q, k, v, 7), natgen.na2d(q, k, v, 7, backend="cpu"))
+
+
+def test_half_inputs_select_the_f32_instance():
+    q = k = v = torch.randn(1, 10, 10, 2, 8, dtype=torch.bfloat16)
+    assert "_f32_" in natgen.choose(2, q, k, v, 3, backend="cpu")[1]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=(3, 5), dilation=(1, 2)), r"kernel_size\[1\]=5 with dilation\[1\]=2 needs spatial extent >= 10, got 9"),
+    (dict(kernel_size=9), r"kernel_size\[0\]=9"),
+    (dict(kernel_size=3, stride=4), r"stride\[0\]=4"),
+])
+def test_invalid_problems_raise_value_error(kwargs, match):
+    q = torch.randn(1, 8, 9, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        natgen.na2d(q, q, q, backend="cpu", **kwargs)
+
+
+def test_bad_shapes_raise_value_error():
+    q = torch.randn(1, 8, 8, 2, 8)
+    with pytest.raises(ValueError):
+        natgen.na2d(q, torch.randn(1, 8, 7, 2, 8), q, 3, backend="cpu")
+    with pytest.raises(ValueError):
+        natgen.na2d(q[0], q[0], q[0], 3, backend="cpu")
+    with pytest.raises(ValueError):
+        natgen.na2d(q, q, q, 3, additional_keys=torch.randn(1, 2, 2, 8), backend="cpu")
+
+
+# ------------------------------------------------------------------------------------------- cache
+_FIRST_USE = textwrap.dedent("""
+    import json, logging, sys, torch, natgen
+    from natgen.codegen import cpu_build
+    from natgen.problem import make_problem
+    from natgen.reference import na_reference
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 7, 2, 6, generator=g) for _ in range(3))
+    # a mixed per-dim causal mask with dilation: not in the default library, so compiled on demand
+    args = ((3, 2), 1, (1, 2), (False, True))
+    out = natgen.na2d(q, k, v, *args, backend="cpu")
+    ref = na_reference(q, k, v, make_problem(2, q, k, v, *args))
+    print(json.dumps({"compiles": cpu_build.COMPILES, "close": bool(torch.allclose(out, ref, atol=1e-5)),
+                      "instance": natgen.choose(2, q, k, v, *args, backend="cpu")[1]}))
+""")
+
+
+def _run_first_use(cache_dir):
+    env = dict(os.environ, NATGEN_CACHE_DIR=str(cache_dir))
+    return subprocess.Popen([sys.executable, "-c", _FIRST_USE], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(process):
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_on_demand_compile_is_shared_by_concurrent_processes_and_reused(tmp_path):
+    first, second = _run_first_use(tmp_path), _run_first_use(tmp_path)  # both start on a cold cache
+    results = [_result(first), _result(second)]
+    assert all(r["close"] for r in results)
+    assert results[0]["instance"] == "na2d_fwd_cpu_kany_dany_c01_f32_hany_q8x8_cpu"
+    assert sorted(r["compiles"] for r in results) == [0, 1]  # the lock made the later one wait, not rebuild
+    modules = list(tmp_path.glob("cpu/*/*.so"))
+    assert len(modules) == 1 and not list(tmp_path.glob("cpu/*/.*.tmp"))
+    again = _result(_run_first_use(tmp_path))
+    assert again == {**results[0], "compiles": 0}
+
+
+_TINY = 'extern "C" __attribute__((visibility("default"))) int natgen_cache_probe() { return 42; }\n'
+
+
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("NATGEN_CACHE_DIR", str(tmp_path))
+    before = cpu_build.COMPILES
+    path = cpu_build.compile_source("natgen_cache_probe", _TINY)
+    assert cpu_build.compile_source("natgen_cache_probe", _TINY) == path and cpu_build.COMPILES == before + 1
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, e.g. by a crash of an old natgen
+    assert cpu_build.compile_source("natgen_cache_probe", _TINY) == path
+    assert cpu_build.COMPILES == before + 2
+    assert path.stat().st_size > 1000
+    import ctypes
+    assert ctypes.CDLL(str(path)).natgen_cache_probe() == 42
