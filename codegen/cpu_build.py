@@ -41,7 +41,7 @@ from .spec import KernelSpec
 
 log = logging.getLogger("natgen.cpu_build")
 
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden", "-fno-math-errno",
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno",
          "-Wno-psabi", "-DNDEBUG")
 COMPILES = 0          # compiles done by this process (tests read it to prove cache reuse)
 _loaded = {}          # cache key -> Kernel

@@ -116,8 +116,7 @@ def backward(problem: Problem, q, k, v, extra_k, extra_v, out, lse, grad_out, gr
     grad_lse_ = _prepare(grad_lse, dtype)
     # the saved lse is float32: exact for f32 compute; f64 recomputes the normalizer in the kernel
     saved_lse = _prepare(lse, dtype) if dtype == torch.float32 else None
-    # torch.empty, not zeros: the kernel zeroes what it accumulates into, so no parallel torch op runs right
-    # before it (torch's OpenMP workers spin for milliseconds after one, taking the cores the kernel needs)
+    # torch.empty, not zeros: each kernel work unit zeroes the key grads it owns, saving a separate pass
     grads = {name: torch.empty_like(t) if t is not None else None
              for name, t in (("grad_q", q_), ("grad_k", k_), ("grad_v", v_), ("grad_extra_k", ek_),
                              ("grad_extra_v", ev_))}
