@@ -221,11 +221,13 @@ def demo(size):
     counts = library.write_library()
     click.echo(f"rendered {counts['total']} instances ({counts['written']} written, {counts['unchanged']} "
                f"unchanged) into {library.GENERATED_DIR}")
-    demo_filter = ["na2d_fwd_*_k7x7_d1x1_c00_f32_h32_*"]
-    click.echo("\n== 2. build " + demo_filter[0])
+    # the CUDA instances for the demo problem and the CPU instance that runs it here
+    demo_filter = ["na2d_fwd_*_k7x7_d1x1_c00_f32_h32_*", "na2d_fwd_cpu_k7x7_*_c00_f32_h32_*"]
+    click.echo("\n== 2. build " + ", ".join(demo_filter))
     _load_extra_builders()
     try:
-        run_build(demo_filter, ["sm_80"], None, echo=lambda m: click.echo(m), progress=False)
+        run_build(demo_filter, ["sm_80"], None, echo=lambda m: click.echo(m) if not m.startswith("rendered") else None,
+                  progress=False)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     from .manifest import load
@@ -233,8 +235,12 @@ def demo(size):
     for inst in load():
         if matches(inst.name, demo_filter):
             figures = inst.build("sm_80")
-            built = (f"sm_80: {figures['registers']} registers, {figures['spill_stores']} spill bytes"
-                     if figures else "no cubin (nvcc missing)" if inst.entry["toolchain"] == "nvcc" else "")
+            if inst.entry["toolchain"] != "nvcc":
+                built = "C++ module (compiled into the build cache)"
+            elif figures:
+                built = f"sm_80: {figures['registers']} registers, {figures['spill_stores']} spill bytes"
+            else:
+                built = "no cubin (nvcc missing)"
             click.echo(f"  {inst.name}  {built}")
 
     click.echo(f"\n== 3. run na2d: batch 1, {size}x{size}, 4 heads, head_dim 32, kernel 7, fp32")

@@ -72,3 +72,15 @@ def test_build_render_only_and_check(monkeypatch):
 def test_build_unknown_filter_is_an_error():
     result = CliRunner().invoke(main, ["build", "--filter", "no_such_instance_*"])
     assert result.exit_code != 0 and "no instance matches" in result.output
+
+
+@pytest.mark.cpu
+def test_demo_runs_and_reports_small_errors():
+    result = CliRunner().invoke(main, ["demo", "--size", "12"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "(best available)" in line or
+            line.startswith(("emulator", "reference"))]
+    assert rows and "(best available)" in rows[0]
+    for row in rows:
+        error = float([cell for cell in row.split() if "e-" in cell or "e+" in cell][0])
+        assert error < 1e-5, row

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..spec import ANY, KernelSpec
+from ..spec import ANY, KernelSpec, padded_cuda_terms
 
 FAMILY = "simt"
 TEMPLATE = "simt_fwd.cu.j2"
@@ -63,14 +63,7 @@ def launch(spec: KernelSpec) -> dict:
 def context(spec: KernelSpec) -> dict:
     rank = spec.rank
     pad = 3 - rank
-    if spec.kernel_size == ANY:
-        kernel_size = [f"kernel_arg{d}" for d in range(rank)] + ["1"] * pad
-    else:
-        kernel_size = [str(x) for x in spec.kernel_size] + ["1"] * pad
-    if spec.dilation == ANY:
-        dilation = [f"dilation_arg{d}" for d in range(rank)] + ["1"] * pad
-    else:
-        dilation = [str(x) for x in spec.dilation] + ["1"] * pad
+    kernel_size, dilation = padded_cuda_terms(spec)
     causal = [("true" if c else "false") for c in spec.causal] + ["false"] * pad
     # a constant trip count lets nvcc unroll the neighbor loop; causal windows shrink near the start
     count = [kernel_size[d] if (causal[d] == "false" and spec.kernel_size != ANY) else f"window_count{d}"

@@ -16,7 +16,7 @@ import functools
 import itertools
 import math
 
-from ..spec import ANY, KernelSpec
+from ..spec import ANY, KernelSpec, padded_cuda_terms
 
 FAMILY = "tcg"
 TEMPLATE = "tcg_fwd.cu.j2"
@@ -139,14 +139,7 @@ def tc_launch(spec: KernelSpec, spatial, kernel_size, limits=None) -> dict:
 def tc_context(spec: KernelSpec) -> dict:
     check_supported(spec)
     rank, pad = spec.rank, 3 - spec.rank
-    if spec.kernel_size == ANY:
-        kernel_size = [f"kernel_arg{d}" for d in range(rank)] + ["1"] * pad
-    else:
-        kernel_size = [str(x) for x in spec.kernel_size] + ["1"] * pad
-    if spec.dilation == ANY:
-        dilation = [f"dilation_arg{d}" for d in range(rank)] + ["1"] * pad
-    else:
-        dilation = [str(x) for x in spec.dilation] + ["1"] * pad
+    kernel_size, dilation = padded_cuda_terms(spec)
     return {
         "rank": rank,
         "threads": WARP * math.prod(spec.tile) // QUERY_ROWS_PER_WARP,
