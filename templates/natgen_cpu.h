@@ -49,10 +49,12 @@ struct Args {
 template <typename T> struct VecTraits;
 template <> struct VecTraits<float> {
     typedef float type __attribute__((vector_size(32)));
+    typedef int32_t itype __attribute__((vector_size(32)));
     static constexpr int width = 8;
 };
 template <> struct VecTraits<double> {
     typedef double type __attribute__((vector_size(32)));
+    typedef int64_t itype __attribute__((vector_size(32)));
     static constexpr int width = 4;
 };
 
@@ -63,6 +65,14 @@ template <typename T> NATGEN_INLINE typename VecTraits<T>::type load(const T* p)
 }
 template <typename T> NATGEN_INLINE void store(T* p, typename VecTraits<T>::type v) {
     std::memcpy(p, &v, sizeof(v));
+}
+// lanes [0, n) of a vector: all-ones in the lanes of a real key, 0 in padding lanes. Built in registers
+// (per-lane 0/1 floats written by scalar stores and reloaded as one vector stalled on store forwarding).
+template <typename T> NATGEN_INLINE typename VecTraits<T>::itype lane_mask(int n) {
+    typedef typename VecTraits<T>::itype IVec;
+    IVec iota;
+    for (int i = 0; i < VecTraits<T>::width; ++i) iota[i] = i;
+    return iota < (IVec{} + n);
 }
 template <typename T> NATGEN_INLINE T hsum(typename VecTraits<T>::type v) {
     T s = 0;
@@ -162,7 +172,8 @@ template <class Cfg> Plan make_plan(const Args& a) {
 template <typename T> struct Scratch {
     std::vector<T> kt, vt, vu, dkt, dvt, q, dout, scores, probs, dprobs, acc;
     std::vector<int> bases;
-    std::vector<T> valid, zeros;
+    std::vector<int> valid;  // per segment: its real keys (lanes [0, n)); the rest are padding
+    std::vector<T> zeros;
     std::vector<const T*> rows;
     std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
     void reserve(const Plan& p, bool backward) {
@@ -182,7 +193,7 @@ template <typename T> struct Scratch {
         scores.assign(p.max_segments * V, T(0));
         probs.assign(p.max_segments * V, T(0));
         dprobs.assign(p.max_segments * V, T(0));
-        valid.assign(p.max_segments * V, T(0));
+        valid.assign(p.max_segments, 0);
         bases.assign(p.max_segments, 0);
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
         rows.assign(n, nullptr);
@@ -335,6 +346,31 @@ template <class Cfg> NATGEN_INLINE TileGeometry tile_geometry(const Plan& p, con
     return g;
 }
 
+// dst[j*ld + l] = r[l][d + j] for an 8x8 float block.
+NATGEN_INLINE void transpose8x8(const float* const* r, int64_t d, float* dst, int64_t ld) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    Vec x[8], y[8];
+    for (int l = 0; l < 8; ++l) x[l] = load<float>(r[l] + d);
+    for (int l = 0; l < 8; l += 2) {  // unpacklo / unpackhi
+        y[l] = __builtin_shuffle(x[l], x[l + 1], IVec{0, 8, 1, 9, 4, 12, 5, 13});
+        y[l + 1] = __builtin_shuffle(x[l], x[l + 1], IVec{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int l = 0; l < 8; l += 4) {  // 64-bit pairs
+        for (int k = 0; k < 2; ++k) {
+            x[l + k] = __builtin_shuffle(y[l + k], y[l + k + 2], IVec{0, 1, 8, 9, 4, 5, 12, 13});
+            x[l + k + 2] = __builtin_shuffle(y[l + k], y[l + k + 2], IVec{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    }
+    // x[0] = rows 0-3 channels {0, 4}, x[2] = {1, 5}, x[1] = {2, 6}, x[3] = {3, 7}; x[4..8) rows 4-7 likewise
+    const int order[4] = {0, 2, 1, 3};
+    for (int j = 0; j < 4; ++j) {
+        const Vec a = x[order[j]], b = x[4 + order[j]];
+        store<float>(dst + j * ld, __builtin_shuffle(a, b, IVec{0, 1, 2, 3, 8, 9, 10, 11}));
+        store<float>(dst + (j + 4) * ld, __builtin_shuffle(a, b, IVec{4, 5, 6, 7, 12, 13, 14, 15}));
+    }
+}
+
 // Gathers the tile's key union (+ extra tokens) from [batch, tokens, heads, dim] into `dst`, either
 // transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to `padded_dim`).
 // Positions outside the axis (window slack, vector padding) read a zero row.
@@ -372,7 +408,10 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
         for (; u8 + 8 <= n; u8 += 8) {
             const T* r[8];
             for (int l = 0; l < 8; ++l) r[l] = rows[u8 + l];
-            for (int64_t d = 0; d < dim; ++d) {
+            int64_t d = 0;
+            if constexpr (sizeof(T) == 4)  // 8x8 blocks transposed in registers (3 shuffle stages)
+                for (; d + 8 <= dim; d += 8) transpose8x8(r, d, dst + d * ld + u8, ld);
+            for (; d < dim; ++d) {
                 T* out = dst + d * ld + u8;
                 for (int l = 0; l < 8; ++l) out[l] = r[l][d];
             }
@@ -389,10 +428,10 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
 }
 
 // Segments of one query: runs of up to V adjacent keys along the last axis, then the extra tokens.
-// valid[slot] is 1 for a real key, 0 for padding lanes (never part of the softmax).
+// valid[segment] counts its real keys (lanes [0, valid)); the other lanes are padding, never part of the softmax.
 template <class Cfg>
 NATGEN_INLINE int query_segments(const Plan& p, const TileRef& t, const TileGeometry& g, const int64_t* local,
-                                 int* bases, typename Cfg::T* valid) {
+                                 int* bases, int* valid) {
     typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
     int64_t start[3], count[3];
@@ -408,14 +447,14 @@ NATGEN_INLINE int query_segments(const Plan& p, const TileRef& t, const TileGeom
                 const int64_t left = count[2] - c * V;
                 if (left <= 0) break;
                 bases[n] = static_cast<int>(row + c * V);
-                for (int l = 0; l < V; ++l) valid[n * V + l] = l < left ? T(1) : T(0);
+                valid[n] = static_cast<int>(std::min<int64_t>(left, V));
                 ++n;
             }
         }
     }
     for (int64_t e = 0; e < p.extra_padded; e += V) {
         bases[n] = static_cast<int>(g.window_elems + e);
-        for (int l = 0; l < V; ++l) valid[n * V + l] = e + l < p.n_extra ? T(1) : T(0);
+        valid[n] = static_cast<int>(std::min<int64_t>(std::max<int64_t>(p.n_extra - e, 0), V));
         ++n;
     }
     return n;
@@ -452,20 +491,20 @@ NATGEN_INLINE VecTraits<double>::type exp_vec(VecTraits<double>::type x) {
 
 // probs[slot] = exp(scores[slot] * scale - shift) on valid slots, exactly 0 on padding lanes.
 template <typename T>
-NATGEN_INLINE void exp_slots(const T* __restrict scores, const T* __restrict valid, int nseg, T scale, T shift,
+NATGEN_INLINE void exp_slots(const T* __restrict scores, const int* __restrict valid, int nseg, T scale, T shift,
                              T* __restrict probs) {
     typedef typename VecTraits<T>::type Vec;
     constexpr int V = VecTraits<T>::width;
     for (int s = 0; s < nseg; ++s) {
         const Vec e = exp_vec(load<T>(scores + s * V) * scale - shift);
-        store<T>(probs + s * V, load<T>(valid + s * V) != T(0) ? e : Vec{});
+        store<T>(probs + s * V, lane_mask<T>(valid[s]) ? e : Vec{});
     }
 }
 
 // Softmax over the valid slots: probs = exp(x - m) (0 on padding) with x = score * scale; returns the row
 // max m and the sum l.
 template <typename T>
-NATGEN_INLINE void softmax_slots(const T* __restrict scores, const T* __restrict valid, int nseg, T scale,
+NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restrict valid, int nseg, T scale,
                                  T* __restrict probs, T& m, T& l) {
     typedef typename VecTraits<T>::type Vec;
     constexpr int V = VecTraits<T>::width;
@@ -473,7 +512,7 @@ NATGEN_INLINE void softmax_slots(const T* __restrict scores, const T* __restrict
     Vec vmax = Vec{} + lowest;
     for (int s = 0; s < nseg; ++s) {
         const Vec x = load<T>(scores + s * V) * scale;
-        const Vec masked = load<T>(valid + s * V) != T(0) ? x : Vec{} + lowest;
+        const Vec masked = lane_mask<T>(valid[s]) ? x : Vec{} + lowest;
         vmax = masked > vmax ? masked : vmax;
     }
     T row_max = lowest;
