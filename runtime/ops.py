@@ -164,9 +164,16 @@ def _contiguous(tensor):
     return tensor.contiguous() if tensor is not None else None
 
 
+def _check_arch(arch):
+    if arch is not None:
+        from .codegen.nvcc import arch_number
+        arch_number(arch)  # raises ValueError naming the argument and the expected form
+
+
 def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                            additional_keys=None, additional_values=None, return_lse=False, backend=None,
                            arch=None):
+    _check_arch(arch)
     problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)
     name = resolve_backend(problem, backend)
@@ -185,6 +192,7 @@ def choose(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sc
            additional_values=None, backend=None, arch=None) -> Tuple[str, Optional[str]]:
     """(backend, instance name) that a call with these arguments would run; the instance is None for the
     reference."""
+    _check_arch(arch)
     problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)
     name = resolve_backend(problem, backend)
@@ -220,16 +228,17 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
 
 def _op(rank):
     def op(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-           additional_values=None, return_lse=False, backend=None):
+           additional_values=None, return_lse=False, backend=None, arch=None):
         return neighborhood_attention(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                                      additional_keys, additional_values, return_lse, backend)
+                                      additional_keys, additional_values, return_lse, backend, arch)
     op.__name__ = f"na{rank}d"
     op.__qualname__ = op.__name__
     op.__doc__ = (f"{rank}-D neighborhood attention on [batch, {', '.join('XYZ'[:rank])}, heads, head_dim] tensors.\n\n"
                   "kernel_size, stride, dilation, is_causal: an int/bool or one per spatial dim. "
                   "additional_keys/values: [batch, n_extra, heads, head_dim], attended by every query. "
                   "return_lse also returns the float32 log-sum-exp [batch, *spatial, heads]. backend: None "
-                  "(best available), 'reference', 'cuda', 'cpu' or 'emulator'.")
+                  "(best available), 'reference', 'cuda', 'cpu' or 'emulator'. arch: with backend='emulator', "
+                  "the GPU arch whose instance choice is emulated (default sm_80).")
     return op
 
 

@@ -114,3 +114,14 @@ def test_random_sample_against_oracle(case):
     params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
     out, lse = ops.run_instance(instance.name, rank, q, k, v, **params, **extra)
     assert_close_by_rule(out, q, k, v, lse=lse, **params, **extra)
+
+
+def test_emulated_arch_is_a_parameter():
+    q, k, v, _ = random_inputs(7, 1, (9, 9), 2, 32, torch.float16)
+    for arch in ("sm_80", "sm_90"):
+        backend, name = natgen.choose(2, q, k, v, 5, backend="emulator", arch=arch)
+        assert backend == "emulator" and name
+        out = natgen.na2d(q, k, v, 5, backend="emulator", arch=arch)
+        assert_close_by_rule(out, q, k, v, kernel_size=5)
+    with pytest.raises(ValueError, match="arch"):
+        natgen.na2d(q, k, v, 5, backend="emulator", arch="sm_9x")
