@@ -70,7 +70,7 @@ def list_(filter_, rejected, as_json, policy):
     for inst in instances:
         spec = inst.spec
         row = [inst.name, spec.family, spec.rank, _dims(spec.kernel_size), _dims(spec.dilation), spec.dtype,
-               spec.head_dim, inst.launch.get("computed_keys_per_useful_key")]
+               spec.head_dim, f"{inst.launch.get('computed_keys_per_useful_key', 1.0):.2f}"]
         for arch in archs:
             build = inst.build(arch)
             if build:
