@@ -36,6 +36,21 @@ def find_nvcc() -> Optional[str]:
     return None
 
 
+def cuda_include_dir() -> Optional[str]:
+    """The CUDA toolkit's include directory (cuda_fp16.h etc.), for NVRTC, which has no default one."""
+    candidates = []
+    compiler = find_nvcc()
+    if compiler:
+        candidates.append(Path(compiler).resolve().parent.parent / "include")
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(Path(home) / "include")
+    for include in candidates:
+        if (include / "cuda_fp16.h").exists():
+            return str(include)
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -62,20 +60,11 @@ def _function(name: str, arch: str, device_index: int):
         else:
             log.debug("compiling %s through NVRTC for %s", name, arch)
             options = ("-std=c++17", f"-I{TEMPLATES_DIR}", "--use_fast_math")
-            cuda_include = _cuda_include()
+            cuda_include = nvcc_paths.cuda_include_dir()
             if cuda_include:
                 options += (f"-I{cuda_include}",)
             module = cupy.RawModule(code=instance.source_path.read_text(), options=options, backend="nvrtc")
         return module.get_function(instance.entry["symbol"])
-
-
-def _cuda_include() -> Optional[str]:
-    compiler = nvcc_paths.find_nvcc()
-    if compiler:
-        include = Path(compiler).resolve().parent.parent / "include"
-        if include.is_dir():
-            return str(include)
-    return None
 
 
 def run(instance: Instance, plan: Plan, device: torch.device) -> None:

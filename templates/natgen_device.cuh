@@ -38,7 +38,18 @@
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#if defined(__CUDACC_RTC__)
+// NVRTC (the runtime's fallback when no cubin was built) has no C library headers
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef unsigned long long uint64_t;
+typedef long long int64_t;
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#else
 #include <stdint.h>
+#endif
 #define NG_DEVICE __device__ __forceinline__
 #elif defined(NATGEN_EMULATOR)
 #include "natgen_emu.h"

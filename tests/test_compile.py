@@ -3,6 +3,7 @@ import pytest
 
 from natgen.codegen import nvcc
 from natgen.codegen.library import GENERATED_DIR, load_manifest
+from natgen.codegen.render import TEMPLATES_DIR
 
 NVCC = nvcc.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -69,3 +70,53 @@ def test_recorded_build_figures_have_no_spills():
                 for entry in load_manifest()["instances"] for arch, figures in entry.get("build", {}).items()
                 if figures.get("spill_stores") or figures.get("spill_loads")]
     assert not spilling, f"{len(spilling)} cubins spill, e.g. {spilling[:5]}"
+
+
+def _find_libnvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (the `nvrtc` extra), the system, or the CUDA toolkit."""
+    import ctypes
+    import ctypes.util
+    import glob
+    import os
+    candidates = []
+    try:
+        import nvidia  # namespace package of NVIDIA's wheels
+        for base in nvidia.__path__:
+            candidates += sorted(glob.glob(os.path.join(base, "*", "lib", "libnvrtc.so*")))
+    except ImportError:
+        pass
+    system = ctypes.util.find_library("nvrtc")
+    candidates += [system] if system else []
+    candidates += sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
+    for path in candidates:
+        if "builtins" in os.path.basename(path):
+            continue
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _find_libnvrtc()
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(NVRTC is None or nvcc.cuda_include_dir() is None, reason="libnvrtc or the CUDA headers not found")
+@pytest.mark.parametrize("entry", SAMPLE, ids=[e["name"] for e in SAMPLE])
+def test_sample_compiles_through_nvrtc(entry):
+    """The runtime compiles through NVRTC (via CuPy) when no cubin was built; NVRTC has no C library
+    headers, so the same sources must compile there too."""
+    import ctypes
+    path = GENERATED_DIR / entry["file"]
+    program = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(program), path.read_bytes(), str(path).encode(), 0, None, None) == 0
+    options = [b"-std=c++17", b"--use_fast_math", b"-arch=compute_80",
+               f"-I{TEMPLATES_DIR}".encode(), f"-I{nvcc.cuda_include_dir()}".encode()]
+    status = NVRTC.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    NVRTC.nvrtcGetProgramLog(program, log)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(program))
+    assert status == 0, log.value.decode(errors="replace")
