@@ -17,7 +17,6 @@ import torch
 
 from . import selector
 from .codegen import cpu_build
-from .codegen.families import REGISTRY
 from .codegen.families import cpu as cpu_family
 from .codegen.spec import ANY, KernelSpec
 from .manifest import Instance
@@ -36,9 +35,6 @@ ARG_FIELDS = (
 )
 assert len(ARG_FIELDS) == cpu_family.ARG_FIELD_COUNT
 
-if "cpu" not in REGISTRY:  # the family is registered in codegen/families; keep working if it is not
-    from .codegen.families import register
-    register(cpu_family)
 
 
 def available() -> bool:

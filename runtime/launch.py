@@ -78,4 +78,6 @@ def plan(instance: Instance, problem: Problem, buffers: Buffers) -> Plan:
     except KeyError:
         raise RuntimeError(f"no launch plan for family {instance.spec.family!r}") from None
     return planner(instance, problem, buffers)
-from . import launch_tc  # noqa: E402,F401
+
+
+from . import launch_tc  # noqa: E402,F401  (registers the tensor-core planners; it imports this module)

@@ -243,4 +243,5 @@ def _op(rank):
 
 
 na1d, na2d, na3d = _op(1), _op(2), _op(3)
+
 from . import cpu  # noqa: F401,E402  (registers the generated-C++ CPU backend; unavailable without a compiler)

@@ -6,15 +6,6 @@
 - launch(spec) -> dict: launch facts the runtime needs (threads, shared memory, work figures); JSON only
 - context(spec) -> dict: precomputed template values (templates do no parameter-space logic)
 """
-from . import simt
+from . import cpu, simt, tcg, tcs
 
-REGISTRY = {module.FAMILY: module for module in (simt,)}
-
-
-def register(module):
-    REGISTRY[module.FAMILY] = module
-
-
-from . import tcs; register(tcs)  # noqa: E402,E702
-from . import tcg; register(tcg)  # noqa: E402,E702
-from . import cpu; register(cpu)  # noqa: E402,E702
+REGISTRY = {module.FAMILY: module for module in (simt, tcs, tcg, cpu)}
