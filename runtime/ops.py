@@ -54,12 +54,25 @@ def _choose_cuda(problem: Problem, arch: Optional[str] = None) -> Instance:
     return selector.select(problem, _cuda_target(problem, arch)).instance
 
 
-def _forward_cuda(problem, q, k, v, extra_k, extra_v, arch=None):
-    from . import cuda
-    instance = _choose_cuda(problem, arch)
+def _launch(instance, problem, q, k, v, extra_k, extra_v, via):
+    """Allocate outputs, plan and run one CUDA instance on the GPU (via="cuda") or the emulator."""
     buffers = launch_mod.allocate(problem, q, k, v, extra_k, extra_v)
-    cuda.run(instance, launch_mod.plan(instance, problem, buffers), q.device)
-    return buffers.out, buffers.lse, instance.name
+    plan = launch_mod.plan(instance, problem, buffers)
+    if via == "emulator":
+        from . import emulator
+        emulator.launch(instance.source_path.read_text(), instance.entry["symbol"], plan.grid, plan.block,
+                        plan.args, shared_mem=plan.shared_mem)
+    elif via == "cuda":
+        from . import cuda
+        cuda.run(instance, plan, q.device)
+    else:
+        raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
+    return buffers.out, buffers.lse
+
+
+def _forward_cuda(problem, q, k, v, extra_k, extra_v, arch=None):
+    instance = _choose_cuda(problem, arch)
+    return (*_launch(instance, problem, q, k, v, extra_k, extra_v, "cuda"), instance.name)
 
 
 def _emulator_available() -> bool:
@@ -76,15 +89,7 @@ def _choose_emulated(problem: Problem, arch: Optional[str] = None) -> Instance:
 
 def _forward_emulated(problem, q, k, v, extra_k, extra_v, arch=None):
     instance = _choose_emulated(problem, arch)
-    buffers = launch_mod.allocate(problem, q, k, v, extra_k, extra_v)
-    _emulate(instance, launch_mod.plan(instance, problem, buffers))
-    return buffers.out, buffers.lse, instance.name
-
-
-def _emulate(instance, plan):
-    from . import emulator
-    emulator.launch(instance.source_path.read_text(), instance.entry["symbol"], plan.grid, plan.block, plan.args,
-                    shared_mem=plan.shared_mem)
+    return (*_launch(instance, problem, q, k, v, extra_k, extra_v, "emulator"), instance.name)
 
 
 def _reference_forward(problem, q, k, v, extra_k, extra_v, arch=None):
@@ -214,16 +219,7 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
     if reasons:
         raise ValueError(f"instance {name} cannot run this problem: {'; '.join(reasons)}")
     tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
-    buffers = launch_mod.allocate(problem, *tensors)
-    plan = launch_mod.plan(instance, problem, buffers)
-    if via == "emulator":
-        _emulate(instance, plan)
-    elif via == "cuda":
-        from . import cuda
-        cuda.run(instance, plan, q.device)
-    else:
-        raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
-    return buffers.out, buffers.lse
+    return _launch(instance, problem, *tensors, via)
 
 
 def _op(rank):

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from .codegen.nvcc import arch_number
 from .codegen.spec import ANY, TORCH_DTYPE_TOKENS
 from .manifest import Instance, load
 from .problem import Problem
@@ -55,7 +56,7 @@ class Ranked:
 
 
 def arch_limits(arch: str) -> dict:
-    return ARCH_LIMITS.get(arch) or ARCH_LIMITS["sm_90" if int(arch.split("_")[1]) >= 90 else "sm_80"]
+    return ARCH_LIMITS.get(arch) or ARCH_LIMITS["sm_90" if arch_number(arch) >= 90 else "sm_80"]
 
 
 def ctas_per_sm(launch: dict, build: Optional[dict], arch: str) -> int:
@@ -94,7 +95,7 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target) 
     if tuple(spec.causal) != problem.is_causal:
         reasons.append(f"causal mask {tuple(spec.causal)} != {problem.is_causal}")
     if target.kind == "cuda" and spec.arch.startswith("sm"):
-        if int(target.arch.split("_")[1]) < int(spec.arch[2:]):
+        if arch_number(target.arch) < arch_number(spec.arch):
             reasons.append(f"needs {spec.arch}, device is {target.arch}")
     limits = instance.launch.get("limits", {})
     if problem.n_extra > limits.get("max_extra", math.inf):
