@@ -9,12 +9,15 @@
 //
 // Work decomposition. Dilation splits every axis into interleaved groups that never see each other, so a
 // query tile is a box of group-LOCAL coordinates inside one group combination; its keys are then a dense
-// box too (the union of the tile's windows). That union is gathered once per tile into contiguous buffers:
-// keys transposed ([head_dim][union]) so a query's scores are vector FMAs over runs of neighbouring keys
-// ("segments": up to V keys that are adjacent along the last axis), values row-major ([union][head_dim]) so
-// P.V is a broadcast-FMA per key. Extra tokens are appended to the same buffers after the window union, so
-// they are just more segments inside the same softmax. prod(K) is small, so each query computes all its
-// scores, then one max/exp pass (no online rescaling).
+// box too (the union of the tile's windows). That union is gathered once per tile, keys and values alike,
+// transposed per line of keys ([union row][channel][column]). Queries are vectorized: one vector holds V
+// neighbouring queries along the last axis ("lanes"), whose windows are the same box shifted by one key per
+// lane, so the key of lane j at window (row, column) is column + j of the union row: one contiguous vector load
+// per (row, column, channel). Scores, softmax, P.V, dQ are then element-wise across lanes (no horizontal
+// reductions, no padded key slots); near borders, where clamped windows stop shifting with the lane, the
+// group reads a few more columns and masks each lane to its own window. Extra tokens are the same keys for
+// every lane (broadcasts) inside the same softmax. prod(K) is small, so each group computes all its scores,
+// then one max/exp pass (no online rescaling). The backward adds dK/dV per key from the lanes that saw it.
 #pragma once
 
 #include <algorithm>
@@ -24,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <omp.h>
 #include <vector>
 
@@ -66,20 +70,6 @@ template <typename T> NATGEN_INLINE typename VecTraits<T>::type load(const T* p)
 template <typename T> NATGEN_INLINE void store(T* p, typename VecTraits<T>::type v) {
     std::memcpy(p, &v, sizeof(v));
 }
-// lanes [0, n) of a vector: all-ones in the lanes of a real key, 0 in padding lanes. Built in registers
-// (per-lane 0/1 floats written by scalar stores and reloaded as one vector stalled on store forwarding).
-template <typename T> NATGEN_INLINE typename VecTraits<T>::itype lane_mask(int n) {
-    typedef typename VecTraits<T>::itype IVec;
-    IVec iota;
-    for (int i = 0; i < VecTraits<T>::width; ++i) iota[i] = i;
-    return iota < (IVec{} + n);
-}
-template <typename T> NATGEN_INLINE T hsum(typename VecTraits<T>::type v) {
-    T s = 0;
-    for (int i = 0; i < VecTraits<T>::width; ++i) s += v[i];
-    return s;
-}
-
 // SEMANTICS.md's 1-D rule in group-local coordinates (ii = i // D, group length Lg).
 NATGEN_INLINE void window_1d(int64_t ii, int64_t Lg, int64_t K, int64_t S, bool causal, int64_t& start,
                              int64_t& end) {
@@ -116,12 +106,14 @@ struct AxisGroup {
 
 struct Plan {
     const Args* a;
-    int64_t K[3], tile[3], tokens, hd, hdv, hdv_padded, n_extra, extra_padded, chunks;
+    int64_t K[3], tile[3], tokens, hd, hdv, n_extra;
     std::vector<AxisGroup> axes[3];
     std::vector<std::pair<int, int>> items[3];  // (group index, tile index) per axis
     int64_t max_union[3];
-    int64_t union_capacity;  // elements per head_dim row of the gather buffers (window union + extras)
-    int64_t max_segments;
+    int64_t dims;              // max(hd, hdv): channels per union row block in the gather buffers
+    int64_t gather_capacity;   // elements of a gather buffer (union rows x dims x padded row stride)
+    int64_t key_capacity;      // key positions of the backward's key-grad buffers (union + extras)
+    int64_t max_rows, max_cols;
 };
 
 template <class Cfg> Plan make_plan(const Args& a) {
@@ -132,9 +124,7 @@ template <class Cfg> Plan make_plan(const Args& a) {
     p.tokens = a.length[0] * a.length[1] * a.length[2];
     p.hd = a.head_dim;
     p.hdv = a.head_dim_v;
-    p.hdv_padded = (p.hdv + V - 1) / V * V;
     p.n_extra = a.n_extra;
-    p.extra_padded = (a.n_extra + V - 1) / V * V;
     for (int d = 0; d < 3; ++d) {
         p.K[d] = Cfg::K[d] ? Cfg::K[d] : a.kernel[d];
         p.tile[d] = std::min<int64_t>(Cfg::TILE[d], a.length[d]);
@@ -151,7 +141,7 @@ template <class Cfg> Plan make_plan(const Args& a) {
                 int64_t lo = ax.start[t0], hi = 0;
                 for (int64_t i = t0; i < std::min(t0 + p.tile[d], ax.length); ++i) {
                     lo = std::min(lo, ax.start[i]);
-                    hi = std::max(hi, ax.start[i] + p.K[d]);
+                    hi = std::max(hi, ax.end[i]);
                 }
                 p.items[d].emplace_back(static_cast<int>(p.axes[d].size()), static_cast<int>(ax.tile_lo.size()));
                 ax.tile_lo.push_back(lo);
@@ -161,197 +151,59 @@ template <class Cfg> Plan make_plan(const Args& a) {
             p.axes[d].push_back(std::move(ax));
         }
     }
-    p.chunks = (p.K[2] + V - 1) / V;
-    const int64_t last = p.max_union[2] + p.chunks * V - p.K[2];
-    p.union_capacity = p.max_union[0] * p.max_union[1] * last + p.extra_padded;
-    p.max_segments = p.K[0] * p.K[1] * p.chunks + p.extra_padded / V;
+    constexpr int64_t line = 64 / sizeof(T);
+    const int64_t rs = (p.max_union[2] + 2 * (V - 1) + line - 1) / line * line;
+    p.dims = std::max(p.hd, p.hdv);
+    p.gather_capacity = p.max_union[0] * p.max_union[1] * p.dims * rs;
+    p.key_capacity = p.max_union[0] * p.max_union[1] * rs + p.n_extra;
+    p.max_rows = p.K[0] * p.K[1];
+    p.max_cols = p.max_union[2] + V;
     return p;
 }
 
-// Thread-private buffers, sized once per thread for the largest tile.
+// Thread-private buffers, sized once per thread for the largest tile. Lane buffers hold V queries side by
+// side: x[channel * V + lane].
 template <typename T> struct Scratch {
-    std::vector<T> kt, vt, vu, dkt, dvt, q, dout, scores, probs, dprobs, acc;
-    std::vector<int> bases;
-    std::vector<int> valid;  // per segment: its real keys (lanes [0, n)); the rest are padding
-    std::vector<T> zeros;
-    std::vector<const T*> rows;
+    std::vector<T> kt, vt, ekt, evt;         // key / value unions ([row][channel][column]), extras [channel][e]
+    std::vector<T> dkr, dvr;                 // backward: key grads per union position, row-major
+    std::vector<T> qt, dot, ot;              // lane buffers: queries, output cotangents, outputs / dq
+    std::vector<T> sc, pr, dp;               // per (window row, column) and extra token: one vector of lanes
+    std::vector<char> colmask;               // per column: an itype vector of the lanes whose window contains it
+    std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
+    std::vector<T> zeros, sink;
     std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
     void reserve(const Plan& p, bool backward) {
-        const int64_t n = p.union_capacity;
-        kt.assign(p.hd * n, T(0));
-        if (backward) {
-            vt.assign(p.hdv * n, T(0));
-            dkt.assign(p.hd * n, T(0));
-            dvt.assign(p.hdv * n, T(0));
-        } else {
-            vu.assign(p.hdv_padded * n, T(0));
-        }
         constexpr int V = VecTraits<T>::width;
-        q.assign(p.hd + V, T(0));
-        dout.assign(p.hdv_padded + V, T(0));
-        acc.assign(p.hdv_padded + V, T(0));
-        scores.assign(p.max_segments * V, T(0));
-        probs.assign(p.max_segments * V, T(0));
-        dprobs.assign(p.max_segments * V, T(0));
-        valid.assign(p.max_segments, 0);
-        bases.assign(p.max_segments, 0);
-        zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
-        rows.assign(n, nullptr);
+        const int64_t dims = p.dims;
+        kt.assign(p.gather_capacity, T(0));
+        vt.assign(p.gather_capacity, T(0));
+        ekt.assign(p.hd * p.n_extra, T(0));
+        evt.assign(p.hdv * p.n_extra, T(0));
+        if (backward) {
+            dkr.assign(p.hd * p.key_capacity, T(0));
+            dvr.assign(p.hdv * p.key_capacity, T(0));
+        }
+        qt.assign(dims * V, T(0));
+        dot.assign(dims * V, T(0));
+        ot.assign(dims * V, T(0));
+        const int64_t vectors = p.max_rows * p.max_cols + p.n_extra;
+        sc.assign(vectors * V, T(0));
+        pr.assign(vectors * V, T(0));
+        dp.assign(vectors * V, T(0));
+        colmask.assign(p.max_cols * sizeof(typename VecTraits<T>::itype), 0);
+        row_off.assign(p.max_rows, 0);
+        key_off.assign(p.max_rows, 0);
+        zeros.assign(dims + V, T(0));
+        sink.assign(dims + V, T(0));
     }
 };
 
-// ------------------------------------------------------------------------------------- inner loops
-// out[s][0..V) = sum_d x[d] * buf[d*stride + bases[s] + 0..V): NB segments' scores kept in registers.
-template <typename T, int NB, int HD>
-NATGEN_INLINE void dot_block(const T* __restrict buf, int64_t stride, const int* __restrict bases,
-                             const T* __restrict x, int64_t n, T* __restrict out) {
-    typedef typename VecTraits<T>::type Vec;
-    constexpr int V = VecTraits<T>::width;
-    Vec acc[NB];
-    for (int s = 0; s < NB; ++s) acc[s] = Vec{} ;
-    const int64_t count = HD ? HD : n;
-    for (int64_t d = 0; d < count; ++d) {
-        const T xd = x[d];
-        const T* row = buf + d * stride;
-        for (int s = 0; s < NB; ++s) acc[s] += xd * load<T>(row + bases[s]);
-    }
-    for (int s = 0; s < NB; ++s) store<T>(out + s * V, acc[s]);
-}
-
-template <typename T, int HD>
-NATGEN_INLINE void dot_segments(const T* buf, int64_t stride, const int* bases, int nseg, const T* x, int64_t n,
-                                T* out) {
-    constexpr int V = VecTraits<T>::width;
-    int s = 0;
-    for (; s + 8 <= nseg; s += 8) dot_block<T, 8, HD>(buf, stride, bases + s, x, n, out + s * V);
-    switch (nseg - s) {
-        case 1: dot_block<T, 1, HD>(buf, stride, bases + s, x, n, out + s * V); break;
-        case 2: dot_block<T, 2, HD>(buf, stride, bases + s, x, n, out + s * V); break;
-        case 3: dot_block<T, 3, HD>(buf, stride, bases + s, x, n, out + s * V); break;
-        case 4: dot_block<T, 4, HD>(buf, stride, bases + s, x, n, out + s * V); break;
-        case 5: dot_block<T, 5, HD>(buf, stride, bases + s, x, n, out + s * V); break;
-        case 6: dot_block<T, 6, HD>(buf, stride, bases + s, x, n, out + s * V); break;
-        case 7: dot_block<T, 7, HD>(buf, stride, bases + s, x, n, out + s * V); break;
-        default: break;
-    }
-}
-
-// acc[0..NV*V) = sum over keys of w[key] * rows[key][0..NV*V): P.V with the output row in registers.
-template <typename T, int NV>
-NATGEN_INLINE void weighted_rows_block(const T* __restrict rows, int64_t ld, const int* __restrict bases,
-                                       int nseg, const T* __restrict w, T* __restrict acc_out) {
-    typedef typename VecTraits<T>::type Vec;
-    constexpr int V = VecTraits<T>::width;
-    Vec acc[NV];
-    for (int j = 0; j < NV; ++j) acc[j] = Vec{};
-    for (int s = 0; s < nseg; ++s) {
-        const T* ws = w + s * V;
-        for (int l = 0; l < V; ++l) {
-            const T wl = ws[l];
-            if (wl == T(0)) continue;  // masked lanes and padding
-            const T* row = rows + (bases[s] + l) * ld;
-            for (int j = 0; j < NV; ++j) acc[j] += wl * load<T>(row + j * V);
-        }
-    }
-    for (int j = 0; j < NV; ++j) store<T>(acc_out + j * V, acc[j]);
-}
-
-template <typename T>
-NATGEN_INLINE void weighted_rows(const T* rows, int64_t ld, const int* bases, int nseg, const T* w, int64_t nvec,
-                                 T* out) {
-    constexpr int V = VecTraits<T>::width;
-    for (int64_t j = 0; j < nvec; j += 8) {
-        T* o = out + j * V;
-        const T* r = rows + j * V;
-        switch (std::min<int64_t>(8, nvec - j)) {
-            case 1: weighted_rows_block<T, 1>(r, ld, bases, nseg, w, o); break;
-            case 2: weighted_rows_block<T, 2>(r, ld, bases, nseg, w, o); break;
-            case 3: weighted_rows_block<T, 3>(r, ld, bases, nseg, w, o); break;
-            case 4: weighted_rows_block<T, 4>(r, ld, bases, nseg, w, o); break;
-            case 5: weighted_rows_block<T, 5>(r, ld, bases, nseg, w, o); break;
-            case 6: weighted_rows_block<T, 6>(r, ld, bases, nseg, w, o); break;
-            case 7: weighted_rows_block<T, 7>(r, ld, bases, nseg, w, o); break;
-            default: weighted_rows_block<T, 8>(r, ld, bases, nseg, w, o); break;
-        }
-    }
-}
-
-// out[d] = alpha * sum_s <w[s], buf[d*stride + bases[s] ..]>: dQ from transposed keys.
-template <typename T, int HD>
-NATGEN_INLINE void contract_segments(const T* __restrict buf, int64_t stride, const int* __restrict bases, int nseg,
-                                     const T* __restrict w, int64_t n, T alpha, T* __restrict out) {
-    typedef typename VecTraits<T>::type Vec;
-    constexpr int V = VecTraits<T>::width;
-    const int64_t count = HD ? HD : n;
-    int64_t d = 0;
-    for (; d + 4 <= count; d += 4) {
-        Vec acc[4] = {Vec{}, Vec{}, Vec{}, Vec{}};
-        for (int s = 0; s < nseg; ++s) {
-            const Vec ws = load<T>(w + s * V);
-            for (int j = 0; j < 4; ++j) acc[j] += ws * load<T>(buf + (d + j) * stride + bases[s]);
-        }
-        for (int j = 0; j < 4; ++j) out[d + j] = alpha * hsum<T>(acc[j]);
-    }
-    for (; d < count; ++d) {
-        Vec acc = Vec{};
-        for (int s = 0; s < nseg; ++s) acc += load<T>(w + s * V) * load<T>(buf + d * stride + bases[s]);
-        out[d] = alpha * hsum<T>(acc);
-    }
-}
-
-// buf[d*stride + bases[s] + l] += alpha * x[d] * w[s][l]: dK and dV into the transposed tile accumulators.
-template <typename T, int HD>
-NATGEN_INLINE void scatter_segments(T* __restrict buf, int64_t stride, const int* __restrict bases, int nseg,
-                                    const T* __restrict w, const T* __restrict x, int64_t n, T alpha) {
-    typedef typename VecTraits<T>::type Vec;
-    constexpr int V = VecTraits<T>::width;
-    const int64_t count = HD ? HD : n;
-    for (int s0 = 0; s0 < nseg; s0 += 8) {
-        const int nb = std::min(8, nseg - s0);
-        Vec ws[8];
-        for (int s = 0; s < nb; ++s) ws[s] = load<T>(w + (s0 + s) * V);
-        for (int64_t d = 0; d < count; ++d) {
-            const T xd = alpha * x[d];
-            T* row = buf + d * stride;
-            for (int s = 0; s < nb; ++s) {
-                T* p = row + bases[s0 + s];
-                store<T>(p, load<T>(p) + xd * ws[s]);
-            }
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------- tiles
-struct TileRef {
-    int64_t b, h;
-    const AxisGroup* ax[3];
-    int tile[3];
-};
-
-struct TileGeometry {
-    int64_t lo[3], extent[3], row_len, window_elems, total;
-};
-
-template <class Cfg> NATGEN_INLINE TileGeometry tile_geometry(const Plan& p, const TileRef& t) {
-    constexpr int V = VecTraits<typename Cfg::T>::width;
-    TileGeometry g;
-    for (int d = 0; d < 3; ++d) {
-        g.lo[d] = t.ax[d]->tile_lo[t.tile[d]];
-        g.extent[d] = t.ax[d]->tile_hi[t.tile[d]] - g.lo[d];
-    }
-    // the last axis gets room for a full vector past any window's end (those lanes are masked)
-    g.row_len = g.extent[2] + p.chunks * V - p.K[2];
-    g.window_elems = g.extent[0] * g.extent[1] * g.row_len;
-    g.total = g.window_elems + p.extra_padded;
-    return g;
-}
-
-// dst[j*ld + l] = r[l][d + j] for an 8x8 float block.
-NATGEN_INLINE void transpose8x8(const float* const* r, int64_t d, float* dst, int64_t ld) {
+// ------------------------------------------------------------------------------------- transposes
+// In-register transpose of an 8x8 float block: x[l] (row l) -> x[j] (column j).
+NATGEN_INLINE void transpose8(VecTraits<float>::type* x) {
     typedef VecTraits<float>::type Vec;
     typedef VecTraits<float>::itype IVec;
-    Vec x[8], y[8];
-    for (int l = 0; l < 8; ++l) x[l] = load<float>(r[l] + d);
+    Vec y[8];
     for (int l = 0; l < 8; l += 2) {  // unpacklo / unpackhi
         y[l] = __builtin_shuffle(x[l], x[l + 1], IVec{0, 8, 1, 9, 4, 12, 5, 13});
         y[l + 1] = __builtin_shuffle(x[l], x[l + 1], IVec{2, 10, 3, 11, 6, 14, 7, 15});
@@ -366,98 +218,230 @@ NATGEN_INLINE void transpose8x8(const float* const* r, int64_t d, float* dst, in
     const int order[4] = {0, 2, 1, 3};
     for (int j = 0; j < 4; ++j) {
         const Vec a = x[order[j]], b = x[4 + order[j]];
-        store<float>(dst + j * ld, __builtin_shuffle(a, b, IVec{0, 1, 2, 3, 8, 9, 10, 11}));
-        store<float>(dst + (j + 4) * ld, __builtin_shuffle(a, b, IVec{4, 5, 6, 7, 12, 13, 14, 15}));
+        y[j] = __builtin_shuffle(a, b, IVec{0, 1, 2, 3, 8, 9, 10, 11});
+        y[j + 4] = __builtin_shuffle(a, b, IVec{4, 5, 6, 7, 12, 13, 14, 15});
     }
+    for (int j = 0; j < 8; ++j) x[j] = y[j];
 }
 
-// Gathers the tile's key union (+ extra tokens) from [batch, tokens, heads, dim] into `dst`, either
-// transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to `padded_dim`).
-// Positions outside the axis (window slack, vector padding) read a zero row.
+// dst[d * ld + j] = r[j][d] for d < n, j < V: V rows side by side (a lane buffer when ld = V).
 template <typename T>
-NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g, const T* src, const T* extra,
-                          int64_t dim, int64_t padded_dim, bool transposed, T* dst, int64_t ld,
-                          std::vector<const T*>& rows, const T* zeros) {
-    const Args& a = *p.a;
-    const int64_t heads = a.heads;
-    const int64_t base = t.b * p.tokens * heads;
-    int64_t u = 0;
-    for (int64_t u0 = 0; u0 < g.extent[0]; ++u0) {
-        const int64_t l0 = g.lo[0] + u0;
-        for (int64_t u1 = 0; u1 < g.extent[1]; ++u1) {
-            const int64_t l1 = g.lo[1] + u1;
-            for (int64_t u2 = 0; u2 < g.row_len; ++u2, ++u) {
-                const int64_t l2 = g.lo[2] + u2;
-                const bool inside = l0 < t.ax[0]->length && l1 < t.ax[1]->length && u2 < g.extent[2] &&
-                                    l2 < t.ax[2]->length;
-                if (!inside) { rows[u] = zeros; continue; }
-                const int64_t x0 = l0 * a.dilation[0] + t.ax[0]->group;
-                const int64_t x1 = l1 * a.dilation[1] + t.ax[1]->group;
-                const int64_t x2 = l2 * a.dilation[2] + t.ax[2]->group;
-                const int64_t token = (x0 * a.length[1] + x1) * a.length[2] + x2;
-                rows[u] = src + (base + token * heads + t.h) * dim;
-            }
+NATGEN_INLINE void rows_to_lanes(const T* const* r, int64_t n, T* __restrict dst, int64_t ld) {
+    constexpr int V = VecTraits<T>::width;
+    int64_t d = 0;
+    if constexpr (sizeof(T) == 4) {
+        typedef typename VecTraits<T>::type Vec;
+        for (; d + 8 <= n; d += 8) {
+            Vec x[8];
+            for (int l = 0; l < 8; ++l) x[l] = load<T>(r[l] + d);
+            transpose8(x);
+            for (int j = 0; j < 8; ++j) store<T>(dst + (d + j) * ld, x[j]);
         }
     }
-    for (int64_t e = 0; e < p.extra_padded; ++e, ++u)
-        rows[u] = e < p.n_extra ? extra + ((t.b * p.n_extra + e) * heads + t.h) * dim : zeros;
-    const int64_t n = u;
-    if (transposed) {
-        // blocks of 8 keys: 8 reads from rows already in L1, one contiguous 8-wide store per channel
-        int64_t u8 = 0;
-        for (; u8 + 8 <= n; u8 += 8) {
-            const T* r[8];
-            for (int l = 0; l < 8; ++l) r[l] = rows[u8 + l];
-            int64_t d = 0;
-            if constexpr (sizeof(T) == 4)  // 8x8 blocks transposed in registers (3 shuffle stages)
-                for (; d + 8 <= dim; d += 8) transpose8x8(r, d, dst + d * ld + u8, ld);
-            for (; d < dim; ++d) {
-                T* out = dst + d * ld + u8;
-                for (int l = 0; l < 8; ++l) out[l] = r[l][d];
-            }
+    for (; d < n; ++d)
+        for (int j = 0; j < V; ++j) dst[d * ld + j] = r[j][d];
+}
+
+// r[j][d] = src[d * V + j] for d < n, j < V (the inverse of rows_to_lanes).
+template <typename T>
+NATGEN_INLINE void lanes_to_rows(const T* __restrict src, int64_t n, T* const* r) {
+    constexpr int V = VecTraits<T>::width;
+    int64_t d = 0;
+    if constexpr (sizeof(T) == 4) {
+        typedef typename VecTraits<T>::type Vec;
+        for (; d + 8 <= n; d += 8) {
+            Vec x[8];
+            for (int l = 0; l < 8; ++l) x[l] = load<T>(src + (d + l) * V);
+            transpose8(x);
+            for (int j = 0; j < 8; ++j) store<T>(r[j] + d, x[j]);
         }
-        for (; u8 < n; ++u8)
-            for (int64_t d = 0; d < dim; ++d) dst[d * ld + u8] = rows[u8][d];
-    } else {
-        for (int64_t i = 0; i < n; ++i) {
-            T* out = dst + i * ld;
-            std::memcpy(out, rows[i], dim * sizeof(T));
-            for (int64_t d = dim; d < padded_dim; ++d) out[d] = T(0);
+    }
+    for (; d < n; ++d)
+        for (int j = 0; j < V; ++j) r[j][d] = src[d * V + j];
+}
+
+// ------------------------------------------------------------------------------------- lane kernels
+// The query side is vectorized: a vector holds V neighbouring queries along the last axis ("lanes"). Lane j's
+// key at window row r and column c sits at union position row_off[r] + c + j, so every (row, column) is one
+// contiguous vector load from a transposed union buffer, and softmax is element-wise across vectors.
+
+// out[(r * cols + c0 + c)] = sum_d x[d] * buf[d * ld + row_off[r] + c0 + c + lane]: NR rows x NC columns of
+// scores in registers (NR * NC <= 14 accumulators, one x vector).
+template <typename T, int NR, int NC, int HD>
+NATGEN_INLINE void lane_dot_block(const T* __restrict x, const T* __restrict buf, int64_t ld,
+                                  const int64_t* __restrict row_off, int64_t c0, int64_t n, int64_t cols,
+                                  T* __restrict out) {
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = VecTraits<T>::width;
+    Vec acc[NR][NC];
+    const T* base[NR];
+    for (int r = 0; r < NR; ++r) {
+        base[r] = buf + row_off[r] + c0;
+        for (int c = 0; c < NC; ++c) acc[r][c] = Vec{};
+    }
+    const int64_t count = HD ? HD : n;
+    for (int64_t d = 0; d < count; ++d) {
+        const Vec xv = load<T>(x + d * V);
+        const int64_t off = d * ld;
+        for (int r = 0; r < NR; ++r)
+            for (int c = 0; c < NC; ++c) acc[r][c] += xv * load<T>(base[r] + off + c);
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < NC; ++c) store<T>(out + (r * cols + c0 + c) * V, acc[r][c]);
+}
+
+template <typename T, int NC, int HD>
+NATGEN_INLINE void lane_dot_cols(const T* x, const T* buf, int64_t ld, const int64_t* row_off, int64_t rows,
+                                 int64_t c0, int64_t n, int64_t cols, T* out) {
+    constexpr int V = VecTraits<T>::width;
+    constexpr int NR = NC >= 8 ? 1 : NC >= 5 ? 2 : NC == 4 ? 3 : NC == 3 ? 4 : NC == 2 ? 6 : 12;
+    int64_t r = 0;
+    for (; r + NR <= rows; r += NR)
+        lane_dot_block<T, NR, NC, HD>(x, buf, ld, row_off + r, c0, n, cols, out + r * cols * V);
+    for (; r < rows; ++r) lane_dot_block<T, 1, NC, HD>(x, buf, ld, row_off + r, c0, n, cols, out + r * cols * V);
+}
+
+// Scores of V lanes against every (window row, column), then against the extra tokens (the same keys for
+// every lane: broadcasts from ebuf[d * n_extra + e]).
+template <typename T, int HD>
+NATGEN_INLINE void lane_dot(const T* x, const T* buf, int64_t ld, const int64_t* row_off, int64_t rows,
+                            int64_t cols, const T* ebuf, int64_t n_extra, int64_t n, T* out) {
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = VecTraits<T>::width;
+    for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+        switch (std::min<int64_t>(8, cols - c0)) {
+            case 1: lane_dot_cols<T, 1, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+            case 2: lane_dot_cols<T, 2, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+            case 3: lane_dot_cols<T, 3, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+            case 4: lane_dot_cols<T, 4, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+            case 5: lane_dot_cols<T, 5, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+            case 6: lane_dot_cols<T, 6, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+            case 7: lane_dot_cols<T, 7, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+            default: lane_dot_cols<T, 8, HD>(x, buf, ld, row_off, rows, c0, n, cols, out); break;
+        }
+    }
+    const int64_t count = HD ? HD : n;
+    T* eout = out + rows * cols * V;
+    for (int64_t e = 0; e < n_extra; ++e) {
+        Vec acc = Vec{};
+        for (int64_t d = 0; d < count; ++d) acc += load<T>(x + d * V) * ebuf[d * n_extra + e];
+        store<T>(eout + e * V, acc);
+    }
+}
+
+// out[ch * V] = sum over (row, column) and extra tokens of w[...] * buf[ch * ld + key + lane], for NE channels:
+// P.V (w = probabilities, buf = transposed values) and dQ (w = dS, buf = transposed keys).
+template <typename T, int NE>
+NATGEN_INLINE void lane_acc_block(const T* __restrict w, const T* __restrict buf, int64_t ld,
+                                  const int64_t* __restrict row_off, int64_t rows, int64_t cols,
+                                  const T* __restrict ebuf, int64_t n_extra, T* __restrict out) {
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = VecTraits<T>::width;
+    Vec acc[NE];
+    const T* ch[NE];
+    for (int e = 0; e < NE; ++e) {
+        acc[e] = Vec{};
+        ch[e] = buf + e * ld;
+    }
+    const T* wp = w;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = row_off[r];
+        for (int64_t c = 0; c < cols; ++c, wp += V) {
+            const Vec wv = load<T>(wp);
+            for (int e = 0; e < NE; ++e) acc[e] += wv * load<T>(ch[e] + o + c);
+        }
+    }
+    for (int64_t x = 0; x < n_extra; ++x, wp += V) {
+        const Vec wv = load<T>(wp);
+        for (int e = 0; e < NE; ++e) acc[e] += wv * ebuf[e * n_extra + x];
+    }
+    for (int e = 0; e < NE; ++e) store<T>(out + e * V, acc[e]);
+}
+
+template <typename T>
+NATGEN_INLINE void lane_acc(const T* w, const T* buf, int64_t ld, const int64_t* row_off, int64_t rows,
+                            int64_t cols, const T* ebuf, int64_t n_extra, int64_t channels, T* out) {
+    constexpr int V = VecTraits<T>::width;
+    for (int64_t e0 = 0; e0 < channels; e0 += 8) {
+        const T* b = buf + e0 * ld;
+        const T* eb = ebuf + e0 * n_extra;
+        T* o = out + e0 * V;
+        switch (std::min<int64_t>(8, channels - e0)) {
+            case 1: lane_acc_block<T, 1>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
+            case 2: lane_acc_block<T, 2>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
+            case 3: lane_acc_block<T, 3>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
+            case 4: lane_acc_block<T, 4>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
+            case 5: lane_acc_block<T, 5>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
+            case 6: lane_acc_block<T, 6>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
+            case 7: lane_acc_block<T, 7>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
+            default: lane_acc_block<T, 8>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
         }
     }
 }
 
-// Segments of one query: runs of up to V adjacent keys along the last axis, then the extra tokens.
-// valid[segment] counts its real keys (lanes [0, valid)); the other lanes are padding, never part of the softmax.
-template <class Cfg>
-NATGEN_INLINE int query_segments(const Plan& p, const TileRef& t, const TileGeometry& g, const int64_t* local,
-                                 int* bases, int* valid) {
-    typedef typename Cfg::T T;
+// Key-side accumulation (dK, dV) into row-major union rows: key position row_off[r] + t receives, from every
+// lane j with column c = t - j, w[(r, c)][j] * x[j][0..dim). Summing per key in registers first means each
+// destination row is read and written once per window row (no overlapping read-modify-writes).
+template <typename T, int NVEC>
+NATGEN_INLINE void skew_block(const T* __restrict w, const T* const* x, int lanes, const int64_t* row_off,
+                              int64_t rows, int64_t cols, int64_t ebase, int64_t n_extra, int64_t d0, T alpha,
+                              T* __restrict dst, int64_t dim) {
+    typedef typename VecTraits<T>::type Vec;
     constexpr int V = VecTraits<T>::width;
-    int64_t start[3], count[3];
-    for (int d = 0; d < 3; ++d) {
-        start[d] = t.ax[d]->start[local[d]] - g.lo[d];
-        count[d] = t.ax[d]->end[local[d]] - t.ax[d]->start[local[d]];
-    }
-    int n = 0;
-    for (int64_t a0 = 0; a0 < count[0]; ++a0) {
-        for (int64_t a1 = 0; a1 < count[1]; ++a1) {
-            const int64_t row = ((start[0] + a0) * g.extent[1] + start[1] + a1) * g.row_len + start[2];
-            for (int64_t c = 0; c < p.chunks; ++c) {
-                const int64_t left = count[2] - c * V;
-                if (left <= 0) break;
-                bases[n] = static_cast<int>(row + c * V);
-                valid[n] = static_cast<int>(std::min<int64_t>(left, V));
-                ++n;
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* wr = w + r * cols * V;
+        for (int64_t t = 0; t < cols + lanes - 1; ++t) {
+            Vec acc[NVEC];
+            for (int v = 0; v < NVEC; ++v) acc[v] = Vec{};
+            const int64_t jlo = std::max<int64_t>(0, t - cols + 1), jhi = std::min<int64_t>(lanes, t + 1);
+            for (int64_t j = jlo; j < jhi; ++j) {
+                const T wj = wr[(t - j) * V + j];
+                const T* xj = x[j] + d0;
+                for (int v = 0; v < NVEC; ++v) acc[v] += wj * load<T>(xj + v * V);
             }
+            T* o = dst + (row_off[r] + t) * dim + d0;
+            for (int v = 0; v < NVEC; ++v) store<T>(o + v * V, load<T>(o + v * V) + alpha * acc[v]);
         }
     }
-    for (int64_t e = 0; e < p.extra_padded; e += V) {
-        bases[n] = static_cast<int>(g.window_elems + e);
-        valid[n] = static_cast<int>(std::min<int64_t>(std::max<int64_t>(p.n_extra - e, 0), V));
-        ++n;
+    const T* we = w + rows * cols * V;
+    for (int64_t e = 0; e < n_extra; ++e) {
+        Vec acc[NVEC];
+        for (int v = 0; v < NVEC; ++v) acc[v] = Vec{};
+        for (int j = 0; j < lanes; ++j) {
+            const T wj = we[e * V + j];
+            for (int v = 0; v < NVEC; ++v) acc[v] += wj * load<T>(x[j] + d0 + v * V);
+        }
+        T* o = dst + (ebase + e) * dim + d0;
+        for (int v = 0; v < NVEC; ++v) store<T>(o + v * V, load<T>(o + v * V) + alpha * acc[v]);
     }
-    return n;
+}
+
+template <typename T>
+NATGEN_INLINE void skew_acc(const T* w, const T* const* x, int lanes, const int64_t* row_off, int64_t rows,
+                            int64_t cols, int64_t ebase, int64_t n_extra, T alpha, T* dst, int64_t dim) {
+    constexpr int V = VecTraits<T>::width;
+    const int64_t vec_dim = dim / V * V;
+    for (int64_t d0 = 0; d0 < vec_dim; d0 += 8 * V) {
+        switch (std::min<int64_t>(8, (vec_dim - d0) / V)) {
+            case 1: skew_block<T, 1>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+            case 2: skew_block<T, 2>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+            case 3: skew_block<T, 3>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+            case 4: skew_block<T, 4>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+            case 5: skew_block<T, 5>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+            case 6: skew_block<T, 6>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+            case 7: skew_block<T, 7>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+            default: skew_block<T, 8>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
+        }
+    }
+    for (int64_t d = vec_dim; d < dim; ++d) {  // channels past the last full vector
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c)
+                for (int j = 0; j < lanes; ++j)
+                    dst[(row_off[r] + c + j) * dim + d] += alpha * w[(r * cols + c) * V + j] * x[j][d];
+        for (int64_t e = 0; e < n_extra; ++e)
+            for (int j = 0; j < lanes; ++j)
+                dst[(ebase + e) * dim + d] += alpha * w[(rows * cols + e) * V + j] * x[j][d];
+    }
 }
 
 // exp for the softmax: Cephes' expf (range reduction by ln2 in two parts, degree-5 polynomial, ~1 ulp for
@@ -489,77 +473,265 @@ NATGEN_INLINE VecTraits<double>::type exp_vec(VecTraits<double>::type x) {
     return x;
 }
 
-// probs[slot] = exp(scores[slot] * scale - shift) on valid slots, exactly 0 on padding lanes.
-template <typename T>
-NATGEN_INLINE void exp_slots(const T* __restrict scores, const int* __restrict valid, int nseg, T scale, T shift,
-                             T* __restrict probs) {
-    typedef typename VecTraits<T>::type Vec;
+// ------------------------------------------------------------------------------------- tiles
+struct TileRef {
+    int64_t b, h;
+    const AxisGroup* ax[3];
+    int tile[3];
+};
+
+// Gather buffers hold the tile's key union as [union row][channel][column]: one union row (a line of keys
+// along the last axis) is a block of `dims` channel rows, each a stride `rs` rounded up to a cache line. A
+// lane group touches, per window row, one such block (at K=7, h=32: 1.8 KB), so its keys and values stay in
+// L1, and interior column loads never straddle a cache line. A lane group reads, for every column, V keys
+// starting at the column, so near a border (where the lanes' windows are clamped and differ) it reads up to
+// V-1 keys past the union on either side: the rows get exactly the zero padding (lpad) their groups need.
+struct TileGeometry {
+    int64_t lo[3], extent[3], lpad, row_len, rs, nrows, bs, keys;
+};
+
+template <class Cfg> NATGEN_INLINE TileGeometry tile_geometry(const Plan& p, const TileRef& t) {
+    typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
-    for (int s = 0; s < nseg; ++s) {
-        const Vec e = exp_vec(load<T>(scores + s * V) * scale - shift);
-        store<T>(probs + s * V, lane_mask<T>(valid[s]) ? e : Vec{});
+    constexpr int64_t line = 64 / sizeof(T);
+    TileGeometry g;
+    for (int d = 0; d < 3; ++d) {
+        g.lo[d] = t.ax[d]->tile_lo[t.tile[d]];
+        g.extent[d] = t.ax[d]->tile_hi[t.tile[d]] - g.lo[d];
+    }
+    const AxisGroup& ax2 = *t.ax[2];
+    const int64_t q0 = int64_t(t.tile[2]) * p.tile[2], q1 = std::min(q0 + p.tile[2], ax2.length);
+    int64_t read_lo = g.lo[2], read_hi = g.lo[2] + g.extent[2];
+    for (int64_t i = q0; i < q1; ++i) {
+        const int64_t lane = (i - q0) % V;
+        read_lo = std::min(read_lo, ax2.start[i] - lane);
+        read_hi = std::max(read_hi, ax2.end[i] - lane + V - 1);
+    }
+    g.lpad = g.lo[2] - read_lo;
+    g.row_len = read_hi - read_lo;
+    g.rs = (g.row_len + line - 1) / line * line;
+    g.nrows = g.extent[0] * g.extent[1];
+    g.bs = p.dims * g.rs;
+    g.keys = g.nrows * g.rs;
+    return g;
+}
+
+// Union row `ur` -> the token of its column 0 on the last axis (false when the row lies past an axis end).
+NATGEN_INLINE bool union_row_token(const Args& a, const TileRef& t, const TileGeometry& g, int64_t ur,
+                                   int64_t& token) {
+    const int64_t l0 = g.lo[0] + ur / g.extent[1], l1 = g.lo[1] + ur % g.extent[1];
+    token = ((l0 * a.dilation[0] + t.ax[0]->group) * a.length[1] + l1 * a.dilation[1] + t.ax[1]->group) *
+            a.length[2] + t.ax[2]->group;
+    return l0 < t.ax[0]->length && l1 < t.ax[1]->length;
+}
+
+// Column u2 of a union row -> its group-local index on the last axis (false for padding).
+NATGEN_INLINE bool union_column(const TileRef& t, const TileGeometry& g, int64_t u2, int64_t& l2) {
+    const int64_t x = u2 - g.lpad;
+    l2 = g.lo[2] + x;
+    return x >= 0 && x < g.extent[2] && l2 < t.ax[2]->length;
+}
+
+// Gathers the tile's key union from [batch, tokens, heads, dim] into dst (layout above) and the extra tokens
+// into edst[d * n_extra + e].
+template <typename T>
+NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g, const T* src, const T* extra,
+                          int64_t dim, T* dst, T* edst, const T* zeros) {
+    const Args& a = *p.a;
+    const int64_t heads = a.heads, base = t.b * p.tokens * heads;
+    for (int64_t ur = 0; ur < g.nrows; ++ur) {
+        int64_t token;
+        const bool row_inside = union_row_token(a, t, g, ur, token);
+        T* block = dst + ur * g.bs;
+        for (int64_t c8 = 0; c8 < g.row_len; c8 += 8) {
+            const T* r[8];
+            bool empty = true;
+            for (int l = 0; l < 8; ++l) {
+                int64_t l2;
+                const bool inside = row_inside && union_column(t, g, c8 + l, l2);
+                r[l] = inside ? src + (base + (token + l2 * a.dilation[2]) * heads + t.h) * dim : zeros;
+                empty &= !inside;
+            }
+            if (empty) {
+                for (int64_t d = 0; d < dim; ++d) std::memset(block + d * g.rs + c8, 0, 8 * sizeof(T));
+            } else if constexpr (sizeof(T) == 4) {
+                rows_to_lanes<T>(r, dim, block + c8, g.rs);
+            } else {
+                for (int64_t d = 0; d < dim; ++d)
+                    for (int l = 0; l < 8; ++l) block[d * g.rs + c8 + l] = r[l][d];
+            }
+        }
+    }
+    for (int64_t e = 0; e < p.n_extra; ++e) {
+        const T* row = extra + ((t.b * p.n_extra + e) * heads + t.h) * dim;
+        for (int64_t d = 0; d < dim; ++d) edst[d * p.n_extra + e] = row[d];
     }
 }
 
-// Softmax over the valid slots: probs = exp(x - m) (0 on padding) with x = score * scale; returns the row
-// max m and the sum l.
+// V neighbouring queries along the last axis (group-local l2 .. l2 + lanes) sharing their other coordinates.
+template <typename T> struct LaneGroup {
+    int lanes;
+    bool uniform;              // every lane's window covers exactly columns [0, cols): no masks
+    int64_t rows, cols;        // window rows (product over the leading axes), columns along the last axis
+    int64_t qrow[VecTraits<T>::width];  // [batch, token, head] row of each lane (clamped for absent lanes)
+};
+
+// Fills the group's window rows (row_off) and, when the lanes' windows differ in shape, per-column lane masks.
+template <class Cfg>
+NATGEN_INLINE LaneGroup<typename Cfg::T> lane_group(const Plan& p, const TileRef& t, const TileGeometry& g,
+                                                    int64_t l0, int64_t l1, int64_t l2, int64_t hi2,
+                                                    Scratch<typename Cfg::T>& s) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::itype IVec;
+    typedef typename std::remove_reference<decltype(IVec{}[0])>::type I;
+    constexpr int V = VecTraits<T>::width;
+    const Args& a = *p.a;
+    LaneGroup<T> lg;
+    lg.lanes = static_cast<int>(std::min<int64_t>(V, hi2 - l2));
+    const AxisGroup& ax2 = *t.ax[2];
+    int64_t col_lo = INT64_MAX, col_hi = INT64_MIN;
+    IVec lo_v, hi_v;
+    lg.uniform = true;
+    for (int j = 0; j < V; ++j) {
+        if (j < lg.lanes) {
+            const int64_t slo = ax2.start[l2 + j] - j, shi = ax2.end[l2 + j] - j;
+            if (j > 0 && (slo != lo_v[0] || shi != hi_v[0])) lg.uniform = false;
+            lo_v[j] = static_cast<I>(slo);
+            hi_v[j] = static_cast<I>(shi);
+            col_lo = std::min(col_lo, slo);
+            col_hi = std::max(col_hi, shi);
+        } else {
+            lo_v[j] = std::numeric_limits<I>::max();
+            hi_v[j] = std::numeric_limits<I>::min();
+        }
+        const int64_t x2 = (l2 + std::min(j, lg.lanes - 1)) * a.dilation[2] + ax2.group;
+        const int64_t x0 = l0 * a.dilation[0] + t.ax[0]->group, x1 = l1 * a.dilation[1] + t.ax[1]->group;
+        lg.qrow[j] = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + x2) * a.heads + t.h;
+    }
+    lg.cols = col_hi - col_lo;
+    const int64_t s0 = t.ax[0]->start[l0], n0 = t.ax[0]->end[l0] - s0;
+    const int64_t s1 = t.ax[1]->start[l1], n1 = t.ax[1]->end[l1] - s1;
+    lg.rows = n0 * n1;
+    int64_t r = 0;
+    for (int64_t a0 = 0; a0 < n0; ++a0)
+        for (int64_t a1 = 0; a1 < n1; ++a1, ++r)
+        {
+            const int64_t ur = (s0 + a0 - g.lo[0]) * g.extent[1] + s1 + a1 - g.lo[1];
+            const int64_t col = g.lpad + col_lo - g.lo[2];
+            s.row_off[r] = ur * g.bs + col;
+            s.key_off[r] = ur * g.rs + col;
+        }
+    if (!lg.uniform) {
+        IVec iota;
+        for (int j = 0; j < V; ++j) iota[j] = static_cast<I>(j);
+        for (int64_t c = 0; c < lg.cols; ++c) {
+            const IVec col = IVec{} + static_cast<I>(col_lo + c);
+            const IVec mask = (col >= lo_v) & (col < hi_v);
+            std::memcpy(s.colmask.data() + c * sizeof(IVec), &mask, sizeof(IVec));
+        }
+    }
+    return lg;
+}
+
 template <typename T>
-NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restrict valid, int nseg, T scale,
-                                 T* __restrict probs, T& m, T& l) {
+NATGEN_INLINE void scale_lanes(T* x, int64_t n, T alpha) {
+    for (int64_t d = 0; d < n; ++d) store<T>(x + d * VecTraits<T>::width, load<T>(x + d * VecTraits<T>::width) * alpha);
+}
+
+template <typename T> NATGEN_INLINE typename VecTraits<T>::itype column_mask(const char* masks, int64_t c) {
+    typename VecTraits<T>::itype m;
+    std::memcpy(&m, masks + c * sizeof(m), sizeof(m));
+    return m;
+}
+
+// Row max over the valid (row, column) cells and extra tokens; lanes without any key get 0.
+template <typename T>
+NATGEN_INLINE typename VecTraits<T>::type lane_max(const T* sc, const LaneGroup<T>& lg, const char* colmask,
+                                                   int64_t n_extra) {
     typedef typename VecTraits<T>::type Vec;
     constexpr int V = VecTraits<T>::width;
     const T lowest = -std::numeric_limits<T>::infinity();
-    Vec vmax = Vec{} + lowest;
-    for (int s = 0; s < nseg; ++s) {
-        const Vec x = load<T>(scores + s * V) * scale;
-        const Vec masked = lane_mask<T>(valid[s]) ? x : Vec{} + lowest;
-        vmax = masked > vmax ? masked : vmax;
+    Vec m = Vec{} + lowest;
+    for (int64_t r = 0; r < lg.rows; ++r)
+        for (int64_t c = 0; c < lg.cols; ++c) {
+            Vec x = load<T>(sc + (r * lg.cols + c) * V);
+            if (!lg.uniform) x = column_mask<T>(colmask, c) ? x : Vec{} + lowest;
+            m = x > m ? x : m;
+        }
+    const T* se = sc + lg.rows * lg.cols * V;
+    for (int64_t e = 0; e < n_extra; ++e) {
+        const Vec x = load<T>(se + e * V);
+        m = x > m ? x : m;
     }
-    T row_max = lowest;
-    for (int i = 0; i < V; ++i) row_max = std::max(row_max, vmax[i]);
-    exp_slots<T>(scores, valid, nseg, scale, row_max, probs);
-    Vec vsum = Vec{};
-    for (int s = 0; s < nseg; ++s) vsum += load<T>(probs + s * V);
-    m = row_max;
-    l = hsum<T>(vsum);
+    return m == lowest ? Vec{} : m;
+}
+
+// pr = exp(sc - shift), exactly 0 where a lane's window does not contain the column; returns the lane sums.
+template <typename T>
+NATGEN_INLINE typename VecTraits<T>::type lane_exp(const T* __restrict sc, const LaneGroup<T>& lg,
+                                                   const char* colmask, int64_t n_extra,
+                                                   typename VecTraits<T>::type shift, T* __restrict pr) {
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = VecTraits<T>::width;
+    Vec l = Vec{};
+    for (int64_t r = 0; r < lg.rows; ++r)
+        for (int64_t c = 0; c < lg.cols; ++c) {
+            const int64_t i = (r * lg.cols + c) * V;
+            Vec e = exp_vec(load<T>(sc + i) - shift);
+            if (!lg.uniform) e = column_mask<T>(colmask, c) ? e : Vec{};
+            store<T>(pr + i, e);
+            l += e;
+        }
+    for (int64_t e = 0, i = lg.rows * lg.cols * V; e < n_extra; ++e, i += V) {
+        const Vec x = exp_vec(load<T>(sc + i) - shift);
+        store<T>(pr + i, x);
+        l += x;
+    }
+    return l;
 }
 
 template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, Scratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
     constexpr int V = VecTraits<T>::width;
     const Args& a = *p.a;
     const T* q = reinterpret_cast<const T*>(a.q);
     T* out = reinterpret_cast<T*>(a.out);
     T* lse = reinterpret_cast<T*>(a.lse);
     const TileGeometry g = tile_geometry<Cfg>(p, t);
-    gather<T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, p.hd, true,
-              s.kt.data(), g.total, s.rows, s.zeros.data());
-    gather<T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv,
-              p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.rows, s.zeros.data());
+    gather<T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, s.kt.data(),
+              s.ekt.data(), s.zeros.data());
+    gather<T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv, s.vt.data(),
+              s.evt.data(), s.zeros.data());
     const T scale = static_cast<T>(a.scale);
-    int64_t lo[3], hi[3], local[3];
+    int64_t lo[3], hi[3];
     for (int d = 0; d < 3; ++d) {
         lo[d] = int64_t(t.tile[d]) * p.tile[d];
         hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
     }
-    for (local[0] = lo[0]; local[0] < hi[0]; ++local[0])
-    for (local[1] = lo[1]; local[1] < hi[1]; ++local[1])
-    for (local[2] = lo[2]; local[2] < hi[2]; ++local[2]) {
-        const int64_t x0 = local[0] * a.dilation[0] + t.ax[0]->group;
-        const int64_t x1 = local[1] * a.dilation[1] + t.ax[1]->group;
-        const int64_t x2 = local[2] * a.dilation[2] + t.ax[2]->group;
-        const int64_t row = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + x2) * a.heads + t.h;
-        const int nseg = query_segments<Cfg>(p, t, g, local, s.bases.data(), s.valid.data());
-        dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, q + row * p.hd, p.hd,
-                                 s.scores.data());
-        T m, l;
-        softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
-        const int64_t nvec = p.hdv_padded / V;
-        weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), nvec, s.acc.data());
-        const T inv = T(1) / l;
-        T* o = out + row * p.hdv;
-        for (int64_t d = 0; d < p.hdv; ++d) o[d] = s.acc[d] * inv;
-        if (lse) lse[row] = m + std::log(l);
+    for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
+    for (int64_t l1 = lo[1]; l1 < hi[1]; ++l1)
+    for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += V) {
+        const LaneGroup<T> lg = lane_group<Cfg>(p, t, g, l0, l1, l2, hi[2], s);
+        const T* qr[V];
+        T* orow[V];
+        for (int j = 0; j < V; ++j) {
+            qr[j] = j < lg.lanes ? q + lg.qrow[j] * p.hd : s.zeros.data();
+            orow[j] = j < lg.lanes ? out + lg.qrow[j] * p.hdv : s.sink.data();
+        }
+        rows_to_lanes<T>(qr, p.hd, s.qt.data(), V);
+        scale_lanes<T>(s.qt.data(), p.hd, scale);  // scores come out scaled
+        lane_dot<T, Cfg::HD>(s.qt.data(), s.kt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.ekt.data(),
+                             p.n_extra, p.hd, s.sc.data());
+        const Vec m = lane_max<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra);
+        const Vec l = lane_exp<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra, m, s.pr.data());
+        lane_acc<T>(s.pr.data(), s.vt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.evt.data(), p.n_extra,
+                    p.hdv, s.ot.data());
+        const Vec inv = T(1) / l;
+        for (int64_t e = 0; e < p.hdv; ++e) store<T>(s.ot.data() + e * V, load<T>(s.ot.data() + e * V) * inv);
+        lanes_to_rows<T>(s.ot.data(), p.hdv, orow);
+        if (lse)
+            for (int j = 0; j < lg.lanes; ++j) lse[lg.qrow[j]] = m[j] + std::log(l[j]);
     }
 }
 
@@ -571,6 +743,7 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
 // so dK/dV accumulate without races; its tiles run in order.
 template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileRef& t, Scratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
     constexpr int V = VecTraits<T>::width;
     const Args& a = *p.a;
     const T* q = reinterpret_cast<const T*>(a.q);
@@ -582,70 +755,90 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
     T* dk = reinterpret_cast<T*>(a.grad_k);
     T* dv = reinterpret_cast<T*>(a.grad_v);
     const TileGeometry g = tile_geometry<Cfg>(p, t);
-    gather<T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, p.hd, true,
-              s.kt.data(), g.total, s.rows, s.zeros.data());
-    gather<T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv, p.hdv, true,
-              s.vt.data(), g.total, s.rows, s.zeros.data());
-    std::fill(s.dkt.begin(), s.dkt.begin() + p.hd * g.total, T(0));
-    std::fill(s.dvt.begin(), s.dvt.begin() + p.hdv * g.total, T(0));
+    gather<T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, s.kt.data(),
+              s.ekt.data(), s.zeros.data());
+    gather<T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv, s.vt.data(),
+              s.evt.data(), s.zeros.data());
+    std::fill(s.dkr.begin(), s.dkr.begin() + p.hd * (g.keys + p.n_extra), T(0));
+    std::fill(s.dvr.begin(), s.dvr.begin() + p.hdv * (g.keys + p.n_extra), T(0));
     const T scale = static_cast<T>(a.scale);
-    int64_t lo[3], hi[3], local[3];
+    int64_t lo[3], hi[3];
     for (int d = 0; d < 3; ++d) {
         lo[d] = int64_t(t.tile[d]) * p.tile[d];
         hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
     }
-    for (local[0] = lo[0]; local[0] < hi[0]; ++local[0])
-    for (local[1] = lo[1]; local[1] < hi[1]; ++local[1])
-    for (local[2] = lo[2]; local[2] < hi[2]; ++local[2]) {
-        const int64_t x0 = local[0] * a.dilation[0] + t.ax[0]->group;
-        const int64_t x1 = local[1] * a.dilation[1] + t.ax[1]->group;
-        const int64_t x2 = local[2] * a.dilation[2] + t.ax[2]->group;
-        const int64_t row = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + x2) * a.heads + t.h;
-        const int nseg = query_segments<Cfg>(p, t, g, local, s.bases.data(), s.valid.data());
-        const int slots = nseg * V;
-        const T* qrow = q + row * p.hd;
-        const T* dorow = dout + row * p.hdv;
-        dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, qrow, p.hd, s.scores.data());
-        T* probs = s.probs.data();
-        if (lse) {  // P from the saved log-sum-exp
-            exp_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, lse[row], probs);
-        } else {  // no saved lse in the compute type (fp64): renormalize from the recomputed scores
-            T m, l;
-            softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, probs, m, l);
-            const T inv = T(1) / l;
-            for (int i = 0; i < slots; ++i) probs[i] *= inv;
+    for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
+    for (int64_t l1 = lo[1]; l1 < hi[1]; ++l1)
+    for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += V) {
+        const LaneGroup<T> lg = lane_group<Cfg>(p, t, g, l0, l1, l2, hi[2], s);
+        const T* qr[V];
+        const T* dor[V];
+        T* dqr[V];
+        for (int j = 0; j < V; ++j) {
+            const bool real = j < lg.lanes;
+            qr[j] = real ? q + lg.qrow[j] * p.hd : s.zeros.data();
+            dor[j] = real ? dout + lg.qrow[j] * p.hdv : s.zeros.data();
+            dqr[j] = real ? dq + lg.qrow[j] * p.hd : s.sink.data();
         }
-        dot_segments<T, Cfg::HD>(s.vt.data(), g.total, s.bases.data(), nseg, dorow, p.hdv, s.dprobs.data());
+        rows_to_lanes<T>(qr, p.hd, s.qt.data(), V);
+        scale_lanes<T>(s.qt.data(), p.hd, scale);
+        lane_dot<T, Cfg::HD>(s.qt.data(), s.kt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.ekt.data(),
+                             p.n_extra, p.hd, s.sc.data());
+        T* pr = s.pr.data();
+        const int64_t nvec = lg.rows * lg.cols + p.n_extra;
+        if (lse) {  // P from the saved log-sum-exp
+            Vec shift = Vec{};
+            for (int j = 0; j < lg.lanes; ++j) shift[j] = lse[lg.qrow[j]];
+            lane_exp<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra, shift, pr);
+        } else {  // no saved lse in the compute type (fp64): renormalize from the recomputed scores
+            const Vec m = lane_max<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra);
+            const Vec inv = T(1) / lane_exp<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra, m, pr);
+            for (int64_t i = 0; i < nvec; ++i) store<T>(pr + i * V, load<T>(pr + i * V) * inv);
+        }
+        rows_to_lanes<T>(dor, p.hdv, s.dot.data(), V);
+        lane_dot<T, Cfg::HD>(s.dot.data(), s.vt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.evt.data(),
+                             p.n_extra, p.hdv, s.dp.data());
         // D_i = rowsum(dO * O); a cotangent on lse adds P_j * dlse_i to dS_j, i.e. subtracts dlse_i from D_i
-        T di = 0;
-        const T* orow = out + row * p.hdv;
-        for (int64_t d = 0; d < p.hdv; ++d) di += dorow[d] * orow[d];
-        if (grad_lse) di -= grad_lse[row];
-        T* ds = s.dprobs.data();
-        for (int i = 0; i < slots; ++i) ds[i] = probs[i] * (ds[i] - di);
-        contract_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, ds, p.hd, scale, dq + row * p.hd);
-        scatter_segments<T, Cfg::HD>(s.dkt.data(), g.total, s.bases.data(), nseg, ds, qrow, p.hd, scale);
-        scatter_segments<T, Cfg::HD>(s.dvt.data(), g.total, s.bases.data(), nseg, probs, dorow, p.hdv, T(1));
+        Vec di = Vec{};
+        for (int j = 0; j < lg.lanes; ++j) {
+            T acc = 0;
+            const T* orow = out + lg.qrow[j] * p.hdv;
+            for (int64_t d = 0; d < p.hdv; ++d) acc += dor[j][d] * orow[d];
+            di[j] = grad_lse ? acc - grad_lse[lg.qrow[j]] : acc;
+        }
+        T* ds = s.dp.data();
+        for (int64_t i = 0; i < nvec; ++i) store<T>(ds + i * V, load<T>(pr + i * V) * (load<T>(ds + i * V) - di));
+        lane_acc<T>(ds, s.kt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.ekt.data(), p.n_extra, p.hd,
+                    s.ot.data());
+        scale_lanes<T>(s.ot.data(), p.hd, scale);
+        lanes_to_rows<T>(s.ot.data(), p.hd, dqr);
+        skew_acc<T>(ds, qr, lg.lanes, s.key_off.data(), lg.rows, lg.cols, g.keys, p.n_extra, scale,
+                    s.dkr.data(), p.hd);
+        skew_acc<T>(pr, dor, lg.lanes, s.key_off.data(), lg.rows, lg.cols, g.keys, p.n_extra, T(1),
+                    s.dvr.data(), p.hdv);
     }
     // flush the tile's key grads (tiles of one unit overlap, so this adds)
     const int64_t heads = a.heads, base = t.b * p.tokens * heads;
-    int64_t u = 0;
-    for (int64_t u0 = 0; u0 < g.extent[0]; ++u0)
-    for (int64_t u1 = 0; u1 < g.extent[1]; ++u1)
-    for (int64_t u2 = 0; u2 < g.row_len; ++u2, ++u) {
-        const int64_t l0 = g.lo[0] + u0, l1 = g.lo[1] + u1, l2 = g.lo[2] + u2;
-        if (!(l0 < t.ax[0]->length && l1 < t.ax[1]->length && u2 < g.extent[2] && l2 < t.ax[2]->length)) continue;
-        const int64_t token = ((l0 * a.dilation[0] + t.ax[0]->group) * a.length[1] + l1 * a.dilation[1] +
-                               t.ax[1]->group) * a.length[2] + l2 * a.dilation[2] + t.ax[2]->group;
-        T* dkr = dk + (base + token * heads + t.h) * p.hd;
-        T* dvr = dv + (base + token * heads + t.h) * p.hdv;
-        for (int64_t d = 0; d < p.hd; ++d) dkr[d] += s.dkt[d * g.total + u];
-        for (int64_t d = 0; d < p.hdv; ++d) dvr[d] += s.dvt[d * g.total + u];
+    for (int64_t ur = 0; ur < g.nrows; ++ur) {
+        int64_t token, l2;
+        if (!union_row_token(a, t, g, ur, token)) continue;
+        for (int64_t u2 = 0; u2 < g.row_len; ++u2) {
+            if (!union_column(t, g, u2, l2)) continue;
+            const int64_t row = base + (token + l2 * a.dilation[2]) * heads + t.h;
+            T* dkr = dk + row * p.hd;
+            T* dvr = dv + row * p.hdv;
+            const T* sk = s.dkr.data() + (ur * g.rs + u2) * p.hd;
+            const T* sv = s.dvr.data() + (ur * g.rs + u2) * p.hdv;
+            for (int64_t d = 0; d < p.hd; ++d) dkr[d] += sk[d];
+            for (int64_t d = 0; d < p.hdv; ++d) dvr[d] += sv[d];
+        }
     }
     for (int64_t e = 0; e < p.n_extra; ++e) {
         T* ek = s.extra_grads.data() + e * (p.hd + p.hdv);
-        for (int64_t d = 0; d < p.hd; ++d) ek[d] += s.dkt[d * g.total + g.window_elems + e];
-        for (int64_t d = 0; d < p.hdv; ++d) ek[p.hd + d] += s.dvt[d * g.total + g.window_elems + e];
+        const T* sk = s.dkr.data() + (g.keys + e) * p.hd;
+        const T* sv = s.dvr.data() + (g.keys + e) * p.hdv;
+        for (int64_t d = 0; d < p.hd; ++d) ek[d] += sk[d];
+        for (int64_t d = 0; d < p.hdv; ++d) ek[p.hd + d] += sv[d];
     }
 }
 
