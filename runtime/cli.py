@@ -197,8 +197,11 @@ def explain(rank, shape, kernel_size, stride, dilation, causal, dtype, head_dim,
     else:
         best = supported[0]
         click.echo(f"chosen:  {best.instance.name}  (static cost {best.cost:.3f}; {best.details})")
+        waste = best.details.get("computed_keys_per_useful_key")
+        if waste is not None:
+            click.echo(f"         computes {waste} (query, key) pairs per useful pair on this problem")
         if len(supported) > 1:
-            click.echo("\nsupported but costlier:")
+            click.echo("\nsupported but costlier (figures for this problem):")
             click.echo(table(["instance", "cost", "figures"],
                              [(r.instance.name, f"{r.cost:.3f}", r.details) for r in supported[1:]]))
     same_rank = [r for r in ranked if not r.supported and r.instance.spec.rank == rank]

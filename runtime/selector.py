@@ -1,7 +1,9 @@
 """Problem -> best instance, with the reason every other candidate lost.
 
 Selection is data plus one small pure function: each instance either cannot serve the problem (and says
-why) or gets a static cost; the cheapest wins. The cost model reads only manifest figures.
+why) or gets a static cost; the cheapest wins. The cost model reads manifest figures, except the wasted-work
+figure of the tensor-core families, which their family module computes for the problem at hand (a runtime-K
+instance's waste depends on K and the borders, which no single recorded figure can stand for).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from .codegen.families import REGISTRY
 from .codegen.nvcc import arch_number
 from .codegen.spec import ANY, TORCH_DTYPE_TOKENS
 from .manifest import Instance, load
@@ -107,7 +110,10 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target) 
 
 def static_cost(instance: Instance, problem: Problem, target: Target) -> Tuple[float, dict]:
     spec, launch = instance.spec, instance.launch
-    waste = float(launch.get("computed_keys_per_useful_key", 1.0))
+    problem_waste = getattr(REGISTRY.get(spec.family), "problem_waste", None)
+    # the manifest's figure is for a fixed reference problem: the fallback for families without a model
+    waste = (problem_waste(spec, problem) if problem_waste
+             else float(launch.get("computed_keys_per_useful_key", 1.0)))
     cost = FAMILY_BASE_COST.get(spec.family, 10.0) * waste
     if spec.kernel_size != ANY:
         cost *= SPECIALIZED_DISCOUNT

@@ -799,13 +799,13 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         lane_dot<T, Cfg::HD>(s.dot.data(), s.vt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.evt.data(),
                              p.n_extra, p.hdv, s.dp.data());
         // D_i = rowsum(dO * O); a cotangent on lse adds P_j * dlse_i to dS_j, i.e. subtracts dlse_i from D_i
+        const T* orr[V];
+        for (int j = 0; j < V; ++j) orr[j] = j < lg.lanes ? out + lg.qrow[j] * p.hdv : s.zeros.data();
+        rows_to_lanes<T>(orr, p.hdv, s.ot.data(), V);
         Vec di = Vec{};
-        for (int j = 0; j < lg.lanes; ++j) {
-            T acc = 0;
-            const T* orow = out + lg.qrow[j] * p.hdv;
-            for (int64_t d = 0; d < p.hdv; ++d) acc += dor[j][d] * orow[d];
-            di[j] = grad_lse ? acc - grad_lse[lg.qrow[j]] : acc;
-        }
+        for (int64_t e = 0; e < p.hdv; ++e) di += load<T>(s.dot.data() + e * V) * load<T>(s.ot.data() + e * V);
+        if (grad_lse)
+            for (int j = 0; j < lg.lanes; ++j) di[j] -= grad_lse[lg.qrow[j]];
         T* ds = s.dp.data();
         for (int64_t i = 0; i < nvec; ++i) store<T>(ds + i * V, load<T>(pr + i * V) * (load<T>(ds + i * V) - di));
         lane_acc<T>(ds, s.kt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.ekt.data(), p.n_extra, p.hd,

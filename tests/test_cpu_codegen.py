@@ -51,7 +51,7 @@ def test_rejected_candidates_have_reasons():
 
 
 @pytest.mark.parametrize("name", ["na2d_fwd_cpu_k7x7_dany_c00_f32_h32_q8x8_cpu",
-                                  "na3d_bwd_cpu_kany_dany_c010_f64_hany_q4x4x4_cpu",
+                                  "na3d_bwd_cpu_kany_dany_c010_f64_hany_q2x4x8_cpu",
                                   "na1d_fwd_cpu_kany_dany_c1_f32_hany_q64_cpu"])
 def test_render_is_deterministic_and_complete(name):
     spec = KernelSpec.parse(name)
