@@ -89,10 +89,15 @@ SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0
                      Case(1, (70,), (31,), (1,), (2,), (False,), 0, "f32", 64, 64)]
 # what the random sweep does not reach: windows longer than one vector along the last axis (several
 # segments per row, causal there too), head_dim_v over 64 (P.V in several register blocks), batch > 1,
-# and a mixed rank-3 causal mask (on demand)
+# and a mixed rank-3 causal mask (on demand); then several full 8-query lane groups per tile on the last axis
+# (interior groups whose windows shift with the lane, border groups whose clamped windows do not, strided
+# groups, a partial group), with head dims that are no multiple of the vector width
 EDGE_CASES = [Case(1, (40,), (13,), (3,), (2,), (False,), 2, "f32", 8, 72, batch=2),
               Case(2, (12, 14), (3, 11), (1, 2), (1, 1), (False, True), 0, "f32", 8, 8, heads=3),
-              Case(3, (5, 6, 7), (2, 3, 3), (1, 1, 2), (1, 2, 1), (False, True, False), 1, "f32", 8, 8, batch=2)]
+              Case(3, (5, 6, 7), (2, 3, 3), (1, 1, 2), (1, 2, 1), (False, True, False), 1, "f32", 8, 8, batch=2),
+              Case(2, (20, 27), (5, 7), (2, 3), (1, 2), (False, True), 2, "f32", 12, 20),
+              Case(3, (4, 6, 19), (3, 3, 5), (1, 1, 2), (1, 1, 1), (True, True, True), 0, "f32", 16, 16),
+              Case(1, (150,), (9,), (1,), (1,), (False,), 0, "f64", 8, 8)]
 
 
 def _tensors(case: Case, seed: int = 0):
