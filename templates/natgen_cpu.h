@@ -362,21 +362,15 @@ template <typename T>
 NATGEN_INLINE void lane_acc(const T* w, const T* buf, int64_t ld, const int64_t* row_off, int64_t rows,
                             int64_t cols, const T* ebuf, int64_t n_extra, int64_t channels, T* out) {
     constexpr int V = VecTraits<T>::width;
-    for (int64_t e0 = 0; e0 < channels; e0 += 8) {
-        const T* b = buf + e0 * ld;
-        const T* eb = ebuf + e0 * n_extra;
-        T* o = out + e0 * V;
-        switch (std::min<int64_t>(8, channels - e0)) {
-            case 1: lane_acc_block<T, 1>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-            case 2: lane_acc_block<T, 2>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-            case 3: lane_acc_block<T, 3>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-            case 4: lane_acc_block<T, 4>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-            case 5: lane_acc_block<T, 5>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-            case 6: lane_acc_block<T, 6>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-            case 7: lane_acc_block<T, 7>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-            default: lane_acc_block<T, 8>(w, b, ld, row_off, rows, cols, eb, n_extra, o); break;
-        }
-    }
+    // channel blocks of 8, then 4, then 1 (fewer instantiations, less compile time; head dims are
+    // usually multiples of 8)
+    int64_t e0 = 0;
+    for (; e0 + 8 <= channels; e0 += 8)
+        lane_acc_block<T, 8>(w, buf + e0 * ld, ld, row_off, rows, cols, ebuf + e0 * n_extra, n_extra, out + e0 * V);
+    for (; e0 + 4 <= channels; e0 += 4)
+        lane_acc_block<T, 4>(w, buf + e0 * ld, ld, row_off, rows, cols, ebuf + e0 * n_extra, n_extra, out + e0 * V);
+    for (; e0 < channels; ++e0)
+        lane_acc_block<T, 1>(w, buf + e0 * ld, ld, row_off, rows, cols, ebuf + e0 * n_extra, n_extra, out + e0 * V);
 }
 
 // Key-side accumulation (dK, dV) into row-major union rows: key position row_off[r] + t receives, from every
@@ -421,18 +415,13 @@ NATGEN_INLINE void skew_acc(const T* w, const T* const* x, int lanes, const int6
                             int64_t cols, int64_t ebase, int64_t n_extra, T alpha, T* dst, int64_t dim) {
     constexpr int V = VecTraits<T>::width;
     const int64_t vec_dim = dim / V * V;
-    for (int64_t d0 = 0; d0 < vec_dim; d0 += 8 * V) {
-        switch (std::min<int64_t>(8, (vec_dim - d0) / V)) {
-            case 1: skew_block<T, 1>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-            case 2: skew_block<T, 2>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-            case 3: skew_block<T, 3>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-            case 4: skew_block<T, 4>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-            case 5: skew_block<T, 5>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-            case 6: skew_block<T, 6>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-            case 7: skew_block<T, 7>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-            default: skew_block<T, 8>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim); break;
-        }
-    }
+    // blocks of 4 vectors, then single vectors: two instantiations keep the backward's compile time down
+    // (one per block size 1..8 tripled it) at no cost for head dims that are multiples of 4 vectors
+    int64_t d0 = 0;
+    for (; d0 + 4 * V <= vec_dim; d0 += 4 * V)
+        skew_block<T, 4>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim);
+    for (; d0 < vec_dim; d0 += V)
+        skew_block<T, 1>(w, x, lanes, row_off, rows, cols, ebase, n_extra, d0, alpha, dst, dim);
     for (int64_t d = vec_dim; d < dim; ++d) {  // channels past the last full vector
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < cols; ++c)
@@ -782,22 +771,32 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         }
         rows_to_lanes<T>(qr, p.hd, s.qt.data(), V);
         scale_lanes<T>(s.qt.data(), p.hd, scale);
-        lane_dot<T, Cfg::HD>(s.qt.data(), s.kt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.ekt.data(),
-                             p.n_extra, p.hd, s.sc.data());
+        rows_to_lanes<T>(dor, p.hdv, s.dot.data(), V);
+        // scores S = (scale q).k and dP = dO.v: one call site in a loop (each inlined call site is a copy of
+        // every column-block variant, and compile time)
+        {
+            const T* xs[2] = {s.qt.data(), s.dot.data()};
+            const T* bufs[2] = {s.kt.data(), s.vt.data()};
+            const T* ebufs[2] = {s.ekt.data(), s.evt.data()};
+            T* outs[2] = {s.sc.data(), s.dp.data()};
+            const int64_t dims[2] = {p.hd, p.hdv};
+            for (int pass = 0; pass < 2; ++pass)
+                lane_dot<T, Cfg::HD>(xs[pass], bufs[pass], g.rs, s.row_off.data(), lg.rows, lg.cols, ebufs[pass],
+                                     p.n_extra, dims[pass], outs[pass]);
+        }
         T* pr = s.pr.data();
         const int64_t nvec = lg.rows * lg.cols + p.n_extra;
-        if (lse) {  // P from the saved log-sum-exp
-            Vec shift = Vec{};
+        // P from the saved log-sum-exp; without one (fp64 compute) from the recomputed scores, renormalized
+        Vec shift = Vec{};
+        if (lse)
             for (int j = 0; j < lg.lanes; ++j) shift[j] = lse[lg.qrow[j]];
-            lane_exp<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra, shift, pr);
-        } else {  // no saved lse in the compute type (fp64): renormalize from the recomputed scores
-            const Vec m = lane_max<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra);
-            const Vec inv = T(1) / lane_exp<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra, m, pr);
+        else
+            shift = lane_max<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra);
+        const Vec sum = lane_exp<T>(s.sc.data(), lg, s.colmask.data(), p.n_extra, shift, pr);
+        if (!lse) {
+            const Vec inv = T(1) / sum;
             for (int64_t i = 0; i < nvec; ++i) store<T>(pr + i * V, load<T>(pr + i * V) * inv);
         }
-        rows_to_lanes<T>(dor, p.hdv, s.dot.data(), V);
-        lane_dot<T, Cfg::HD>(s.dot.data(), s.vt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.evt.data(),
-                             p.n_extra, p.hdv, s.dp.data());
         // D_i = rowsum(dO * O); a cotangent on lse adds P_j * dlse_i to dS_j, i.e. subtracts dlse_i from D_i
         const T* orr[V];
         for (int j = 0; j < V; ++j) orr[j] = j < lg.lanes ? out + lg.qrow[j] * p.hdv : s.zeros.data();
@@ -812,10 +811,16 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
                     s.ot.data());
         scale_lanes<T>(s.ot.data(), p.hd, scale);
         lanes_to_rows<T>(s.ot.data(), p.hd, dqr);
-        skew_acc<T>(ds, qr, lg.lanes, s.key_off.data(), lg.rows, lg.cols, g.keys, p.n_extra, scale,
-                    s.dkr.data(), p.hd);
-        skew_acc<T>(pr, dor, lg.lanes, s.key_off.data(), lg.rows, lg.cols, g.keys, p.n_extra, T(1),
-                    s.dvr.data(), p.hdv);
+        {  // dK += scale dS^T q, dV += P^T dO (one call site, as above)
+            const T* ws[2] = {ds, pr};
+            const T* const* xs[2] = {qr, dor};
+            const T alphas[2] = {scale, T(1)};
+            T* dsts[2] = {s.dkr.data(), s.dvr.data()};
+            const int64_t dims[2] = {p.hd, p.hdv};
+            for (int pass = 0; pass < 2; ++pass)
+                skew_acc<T>(ws[pass], xs[pass], lg.lanes, s.key_off.data(), lg.rows, lg.cols, g.keys, p.n_extra,
+                            alphas[pass], dsts[pass], dims[pass]);
+        }
     }
     // flush the tile's key grads (tiles of one unit overlap, so this adds)
     const int64_t heads = a.heads, base = t.b * p.tokens * heads;
