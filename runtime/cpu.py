@@ -53,16 +53,12 @@ def _on_demand(problem: Problem, op: str) -> Instance:
 
 
 def choose(problem: Problem, arch: Optional[str] = None) -> Instance:
-    return _choose_for(problem)
-
-
-@functools.lru_cache(maxsize=256)
-def _choose_for(problem: Problem) -> Instance:
-    return _choose(dataclasses.replace(problem, dtype=compute_dtype(problem.dtype)))
+    return _choose(problem)
 
 
 @functools.lru_cache(maxsize=256)  # ranking the whole manifest costs ~ms; a problem's answer never changes
-def _choose(compute_problem: Problem) -> Instance:
+def _choose(problem: Problem) -> Instance:
+    compute_problem = dataclasses.replace(problem, dtype=compute_dtype(problem.dtype))
     try:
         return selector.select(compute_problem, selector.Target("cpu")).instance
     except (selector.NoKernelError, FileNotFoundError) as exc:
@@ -75,9 +71,8 @@ def _twin(instance: Instance, op: str) -> KernelSpec:
 
 
 _ARGS_STRUCT = struct.Struct(f"={len(ARG_FIELDS) - 1}qd")
-_POINTERS = ARG_FIELDS[:14]                 # the tensor addresses lead the block
+_POINTERS = ARG_FIELDS[:ARG_FIELDS.index("batch")]  # the tensor addresses lead the block
 _POINTER_STRUCT = struct.Struct(f"={len(_POINTERS)}q")
-assert all(not name[-1].isdigit() for name in _POINTERS) and ARG_FIELDS[14] == "batch"
 
 
 @functools.lru_cache(maxsize=256)
@@ -113,11 +108,7 @@ def _modules(problem: Problem, op: str):
 
 
 def _prepare(tensor, dtype):
-    if tensor is None:
-        return None
-    if tensor.dtype == dtype and tensor.is_contiguous():
-        return tensor.detach()
-    return tensor.detach().to(dtype).contiguous()
+    return None if tensor is None else tensor.detach().to(dtype).contiguous()
 
 
 def forward(problem: Problem, q, k, v, extra_k, extra_v, arch=None):
