@@ -1,7 +1,7 @@
 """`natgen bench`: natgen beside its peers on the standard problem sets of BENCHMARKS.md.
 
 Every peer of a set is measured in the same run on the same inputs (warm-up, then the minimum of N
-calls), and reported with the FLOP and byte conventions of SEMANTICS.md:
+interleaved rounds, a round being the per-call mean of ~20 ms of back-to-back calls), and reported with the FLOP and byte conventions of SEMANTICS.md:
 
     forward FLOPs  = 4 * batch * heads * N * prod(K) * head_dim      (N = prod(spatial))
     backward FLOPs = 2.5 * forward      (a --backward run times forward + backward: 3.5 * forward)
@@ -372,8 +372,9 @@ PEER_FACTORIES: Dict[str, Callable[[Case], Runner]] = {
 class Measurement:
     peer: str
     implementation: str = ""
-    seconds: Optional[float] = None   # min over the timed calls
-    calls: int = 0                    # timed calls the minimum is over
+    seconds: Optional[float] = None   # min over the rounds of the per-call time
+    calls: int = 0                    # timed rounds the minimum is over
+    per_round: int = 1                # back-to-back calls in one round
     status: str = ""                  # why there is no figure, or a note about the figure
 
 
@@ -430,12 +431,25 @@ def _estimated_cpu_seconds(peer: str, ps: ProblemSet, backward: bool) -> float:
     return work / (ASSUMED_CPU_GFLOPS.get(peer, 20.0) * 1e9)
 
 
-def _timed(runner: Runner, device: torch.device) -> float:
+# A round times this long a block of back-to-back calls (at least one) and keeps the mean: a lone sub-ms call
+# measures the wake-up of an idle thread pool and cold caches as much as the op (on 2 cores: natgen's cpu-2d
+# forward alone 0.68 ms a call back to back, 0.8-1.05 ms as one call after a pause or after another peer).
+ROUND_SECONDS = 0.02
+MAX_PER_ROUND = 50
+
+
+def _per_round(seconds: float) -> int:
+    return max(1, min(MAX_PER_ROUND, math.ceil(ROUND_SECONDS / max(seconds, 1e-9))))
+
+
+def _timed(runner: Runner, device: torch.device, calls: int = 1) -> float:
+    """Seconds per call over `calls` back-to-back calls."""
     _sync(device)
     start = time.perf_counter()
-    runner.call()
+    for _ in range(calls):
+        runner.call()
     _sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
 def _failure(exc: BaseException) -> str:
@@ -483,14 +497,15 @@ def _start(peer: str, case: Case, budget: float, warmup: int):
         result.seconds, result.calls = cold, 1
         result.status = f"1 call only (> {budget:g} s budget)"
         return result, None
+    result.per_round = _per_round(cold)
     return result, runner
 
 
 def run_set(ps: ProblemSet, peers: Sequence[str], device="cpu", dtype=None, backward=False, repeats=5,
             budget=10.0, echo: Optional[Callable[[str], None]] = None, warmup: int = 2) -> SetResult:
-    """Every peer warmed up, then `repeats` rounds of one timed call per peer (interleaved, so that a
-    drifting machine affects all peers alike); each peer keeps its minimum. A call slower than `budget`
-    seconds ends that peer's repeats."""
+    """Every peer warmed up, then `repeats` rounds per peer (interleaved, so that a drifting machine affects
+    all peers alike), a round being the mean of ROUND_SECONDS of back-to-back calls (at least one); each peer
+    keeps its minimum. A call slower than `budget` seconds ends that peer's repeats."""
     device = torch.device(device)
     dtype = dtype or DEFAULT_DTYPE[device.type]
     unknown = [p for p in peers if p not in PEER_FACTORIES]
@@ -515,7 +530,7 @@ def run_set(ps: ProblemSet, peers: Sequence[str], device="cpu", dtype=None, back
         still = []
         for measurement, runner in active:
             try:
-                elapsed = _timed(runner, device)
+                elapsed = _timed(runner, device, measurement.per_round)
             except Exception as exc:  # noqa: BLE001
                 measurement.status = _failure(exc) + (f" (after {index} good calls)" if index else "")
                 measurement.seconds = measurement.seconds if index else None
@@ -581,7 +596,8 @@ def header(result: SetResult) -> str:
     return (f"== {result.ps.name}: {result.ps.describe()}, {_dtype_name(result.dtype)}, {mode}, "
             f"{result.device}\n   {flops / 1e9:.4g} GFLOP a call ("
             + ("3.5 x " if result.backward else "") + "4*B*H*N*prod(K)*d); min of "
-            f"{result.repeats} interleaved rounds after {result.warmup} warm-up calls; "
+            f"{result.repeats} interleaved rounds after {result.warmup} warm-up calls, a round = the mean of "
+            f"~{ROUND_SECONDS * 1e3:g} ms of back-to-back calls (ms = per call); "
             "natgen speed-up = peer ms / natgen ms")
 
 
@@ -602,7 +618,7 @@ def to_json(results: Sequence[SetResult]) -> list:
         for m in r.measurements:
             entry["peers"].append({
                 "peer": m.peer, "implementation": m.implementation, "ms": m.seconds and m.seconds * 1e3,
-                "calls": m.calls, "status": m.status,
+                "calls": m.calls, "calls_per_round": m.per_round, "status": m.status,
                 unit: m.seconds and r.flops / m.seconds / scale,
                 "GB/s": m.seconds and forward_bytes(r.ps, r.dtype) / m.seconds / 1e9 if not r.backward else None,
                 "natgen_speedup": (m.seconds / natgen.seconds if m.seconds and natgen and natgen.seconds else None)})

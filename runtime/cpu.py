@@ -37,8 +37,15 @@ assert len(ARG_FIELDS) == cpu_family.ARG_FIELD_COUNT
 
 
 
+_AVAILABLE = []
+
+
 def available() -> bool:
-    return cpu_build.find_compiler() is not None
+    # asked on every call (resolve_backend): decided once per process, since looking the compiler up
+    # again (environment reads) cost ~8 us a call
+    if not _AVAILABLE:
+        _AVAILABLE.append(cpu_build.find_compiler() is not None)
+    return _AVAILABLE[0]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,7 +115,11 @@ def _modules(problem: Problem, op: str):
 
 
 def _prepare(tensor, dtype):
-    return None if tensor is None else tensor.detach().to(dtype).contiguous()
+    if tensor is None:
+        return None
+    if tensor.dtype == dtype and tensor.is_contiguous():
+        return tensor  # only its address is read (detach() alone costs ~1 us)
+    return tensor.detach().to(dtype).contiguous()
 
 
 def forward(problem: Problem, q, k, v, extra_k, extra_v, arch=None):

@@ -8,6 +8,7 @@ a kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import operator
@@ -37,6 +38,19 @@ class Problem:
     n_extra: int
     dtype: torch.dtype
     device: torch.device
+
+    def __hash__(self) -> int:
+        # memoized: the runtime keys its per-call caches (instance, module, argument block) on the Problem,
+        # and hashing 14 fields costs more than the lookups themselves
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self):
+        # a hash is only valid in the process that computed it (str hashes are salted per process)
+        return {key: value for key, value in self.__dict__.items() if key != "_hash"}
 
     @property
     def num_tokens(self) -> int:

@@ -66,6 +66,17 @@ template <> struct VecTraits<double> {
     static constexpr int width = 4;
 };
 
+// p rounded up to a cache line (buffers allocated with a line of slack)
+template <typename T> NATGEN_INLINE T* line_aligned(T* p) {
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+// x in every lane, as one broadcast (Vec{} + x costs an add, since -0.0 + 0.0 is not -0.0; a lane loop
+// compiles to a chain of inserts)
+template <typename T> NATGEN_INLINE typename VecTraits<T>::type splat(T x) {
+    typename VecTraits<T>::type v = {};
+    v[0] = x;
+    return __builtin_shuffle(v, typename VecTraits<T>::itype{});
+}
 template <typename T> NATGEN_INLINE typename VecTraits<T>::type load(const T* p) {
     typename VecTraits<T>::type v;
     std::memcpy(&v, p, sizeof(v));
@@ -101,6 +112,27 @@ struct Config {
     static constexpr int TILE[3] = {T0_, T1_, T2_};
 };
 
+// Compile-time layout of the specialized forward (namespace fwd, fixed_tile): constant K and head_dim,
+// no causal axis. The tile's key union is gathered at fixed strides (ROWS0 x ROWS1 union rows of ROWLEN
+// columns), so every key a query reads sits at a compile-time offset from the query's window corner: the
+// inner loops address keys and values with one pointer and immediate displacements.
+template <class Cfg> struct FixedFwd {
+    typedef typename Cfg::T T;
+    static constexpr int V = VecTraits<T>::width;
+    static constexpr bool enabled = Cfg::K[0] > 0 && Cfg::K[1] > 0 && Cfg::K[2] > 0 && Cfg::HD > 0 &&
+                                    Cfg::HD % V == 0 && !Cfg::C[0] && !Cfg::C[1] && !Cfg::C[2];
+    static constexpr int K0 = enabled ? Cfg::K[0] : 1, K1 = enabled ? Cfg::K[1] : 1, K2 = enabled ? Cfg::K[2] : 1;
+    static constexpr int HD = enabled ? Cfg::HD : V;
+    static constexpr int CH = (K2 + V - 1) / V;        // key vectors per window row
+    static constexpr int LAST = K2 - (CH - 1) * V;     // real keys in a row's last vector
+    static constexpr int ROWS0 = Cfg::TILE[0] + K0 - 1, ROWS1 = Cfg::TILE[1] + K1 - 1;
+    static constexpr int ROWLEN = (Cfg::TILE[2] + CH * V - 1 + V - 1) / V * V;
+    static constexpr int PLANE = ROWS1 * ROWLEN;
+    static constexpr int KEYS = ROWS0 * PLANE;         // key slots of a tile: the channel stride of kt
+    static constexpr int ROWS = K0 * K1;               // window rows of a query
+    static constexpr int NSEG = ROWS * CH;
+};
+
 // Per axis, per dilation group: every query's window and every tile's key union (group-local coordinates).
 struct AxisGroup {
     int64_t group, length;
@@ -121,6 +153,8 @@ struct Plan {
     int64_t max_rows, max_cols;
     // per-query forward (namespace fwd): key vectors of `chunks` x V slots per window row
     int64_t fwd_union[3], chunks, extra_padded, hdv_padded, fwd_capacity, max_segments;
+    bool fixed;                // the specialized forward's fixed layout serves this problem (FixedFwd)
+    int64_t fixed_keys;        // its key slots per tile (0 when it does not)
 };
 
 template <class Cfg> Plan make_plan(const Args& a) {
@@ -174,6 +208,11 @@ template <class Cfg> Plan make_plan(const Args& a) {
     p.hdv_padded = (p.hdv + V - 1) / V * V;
     p.fwd_capacity = p.fwd_union[0] * p.fwd_union[1] * (p.fwd_union[2] + p.chunks * V - p.K[2]) + p.extra_padded;
     p.max_segments = p.K[0] * p.K[1] * p.chunks + p.extra_padded / V;
+    typedef FixedFwd<Cfg> F;
+    // strided problems can have wider key unions than TILE + K - 1 (tiles that split a stride group)
+    p.fixed = F::enabled && p.n_extra == 0 && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
+              p.fwd_union[1] <= F::ROWS1 && p.fwd_union[2] + F::CH * V - F::K2 <= F::ROWLEN;
+    p.fixed_keys = p.fixed ? F::KEYS : 0;
     return p;
 }
 
@@ -186,11 +225,11 @@ template <typename T> struct FwdScratch {
     void reserve(const Plan& p) {
         constexpr int V = VecTraits<T>::width;
         const int64_t n = p.fwd_capacity;
-        kt.assign(p.hd * n, T(0));
-        vu.assign(p.hdv_padded * n, T(0));
+        kt.assign(std::max(p.hd * n, p.hd * p.fixed_keys) + 64 / sizeof(T), T(0));  // + room to align
+        vu.assign(std::max(p.hdv_padded * n, p.hdv * p.fixed_keys) + 64 / sizeof(T), T(0));
         acc.assign(p.hdv_padded + V, T(0));
         scores.assign(p.max_segments * V, T(0));
-        probs.assign(p.max_segments * V, T(0));
+        probs.assign(2 * p.max_segments * V, T(0));  // the fixed forward's query pairs
         valid.assign(p.max_segments, 0);
         bases.assign(p.max_segments, 0);
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
@@ -502,6 +541,89 @@ NATGEN_INLINE VecTraits<float>::type exp_vec(VecTraits<float>::type x) {
 NATGEN_INLINE VecTraits<double>::type exp_vec(VecTraits<double>::type x) {
     for (int i = 0; i < VecTraits<double>::width; ++i) x[i] = std::exp(x[i]);
     return x;
+}
+
+// 2^y for y <= 0 (the specialized forward's softmax, whose scores are pre-scaled by log2(e)): y = n + f with n
+// = round(y) by the 1.5 * 2^23 trick (whose low mantissa bits are then n), 2^f on |f| <= 1/2 by its degree-6
+// Taylor polynomial (relative error <= 1.7e-7), and n added into the exponent. Below -126 the result is 2^-126
+// times the polynomial, i.e. a value the softmax rounds away against its max term (whose 2^y is 1).
+NATGEN_INLINE VecTraits<float>::type exp2_vec(VecTraits<float>::type y) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    y = y < -126.0f ? Vec{} - 126.0f : y;
+    const Vec t = y + 12582912.0f;
+    const Vec f = y - (t - 12582912.0f);
+    Vec e = Vec{} + 1.5403530393381606e-4f;      // ln2^6 / 720
+    e = e * f + 1.3333558146428443e-3f;          // ln2^5 / 120
+    e = e * f + 9.6181291076284772e-3f;          // ln2^4 / 24
+    e = e * f + 5.5504108664821580e-2f;          // ln2^3 / 6
+    e = e * f + 2.4022650695910071e-1f;          // ln2^2 / 2
+    e = e * f + 6.9314718055994531e-1f;          // ln2
+    e = e * f + 1.0f;
+    IVec tb, eb;
+    std::memcpy(&tb, &t, sizeof(tb));
+    std::memcpy(&eb, &e, sizeof(eb));
+    eb += (tb - 0x4B400000) << 23;
+    std::memcpy(&e, &eb, sizeof(e));
+    return e;
+}
+NATGEN_INLINE VecTraits<double>::type exp2_vec(VecTraits<double>::type y) {
+    for (int i = 0; i < VecTraits<double>::width; ++i) y[i] = std::exp2(y[i]);
+    return y;
+}
+
+// log2(x) for finite x > 0 (the specialized forward's log-sum-exp, 8 queries at a time): x = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), log2(m) = 2 atanh(t) / ln2 with t = (m - 1) / (m + 1), |t| <= 0.172, by its series to
+// t^9 (truncation error < 4e-10).
+NATGEN_INLINE VecTraits<float>::type log2_vec(VecTraits<float>::type x) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    IVec bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    IVec e = ((bits >> 23) & 0xff) - 127;
+    IVec mb = (bits & 0x7fffff) | 0x3f800000;
+    Vec m;
+    std::memcpy(&m, &mb, sizeof(m));
+    const IVec big = m > 1.41421356f;  // -1 where true
+    m = big ? m * 0.5f : m;
+    e -= big;
+    const Vec t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
+    Vec s = Vec{} + 0.11111111f;
+    s = s * t2 + 0.14285714f;
+    s = s * t2 + 0.2f;
+    s = s * t2 + 0.33333333f;
+    s = s * t2 + 1.0f;
+    return __builtin_convertvector(e, Vec) + (s * t) * 2.88539008f;  // 2 / ln2
+}
+NATGEN_INLINE VecTraits<double>::type log2_vec(VecTraits<double>::type x) {
+    for (int i = 0; i < VecTraits<double>::width; ++i) x[i] = std::log2(x[i]);
+    return x;
+}
+
+// Horizontal max / sum of one vector.
+template <typename Vec> NATGEN_INLINE auto hmax(Vec x) {
+    auto m = x[0];
+    for (int i = 1; i < int(sizeof(Vec) / sizeof(m)); ++i) m = std::max(m, x[i]);
+    return m;
+}
+NATGEN_INLINE float hmax(VecTraits<float>::type x) {
+    typedef VecTraits<float>::itype IVec;
+    x = x > __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3}) ? x : __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3});
+    x = x > __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5}) ? x : __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5});
+    x = x > __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6}) ? x : __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6});
+    return x[0];
+}
+template <typename Vec> NATGEN_INLINE auto hsum(Vec x) {
+    auto m = x[0];
+    for (int i = 1; i < int(sizeof(Vec) / sizeof(m)); ++i) m += x[i];
+    return m;
+}
+NATGEN_INLINE float hsum(VecTraits<float>::type x) {
+    typedef VecTraits<float>::itype IVec;
+    x += __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3});
+    x += __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5});
+    x += __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6});
+    return x[0];
 }
 
 // ------------------------------------------------------------------------------------- tiles
@@ -931,7 +1053,264 @@ NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restri
     l = sum;
 }
 
+// ---- The specialized forward (FixedFwd: constant K and head_dim, no causal axis, no extra tokens). Same
+// algorithm as forward_tile below, but the tile's union is gathered at fixed strides, so every key and value
+// a query reads lies at a compile-time offset from its window corner: one pointer, immediate displacements,
+// unrolled channel loops (the runtime-offset version spent its hot loop reloading spilled offsets).
+
+// kt[d * KEYS + slot] (keys transposed) and vu[slot * HD + d] (values row-major) for the union slots
+// slot = (u0 * ROWS1 + u1) * ROWLEN + u2. Key columns past the union read zeros; slots no query reads keep
+// whatever an earlier tile left (only masked score lanes read them; values there are never read).
+template <class Cfg>
+NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry& g, typename Cfg::T* __restrict kt,
+                                typename Cfg::T* __restrict vu, const typename Cfg::T* zeros) {
+    typedef typename Cfg::T T;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    const Args& a = *p.a;
+    const T* k = reinterpret_cast<const T*>(a.k);
+    const T* v = reinterpret_cast<const T*>(a.v);
+    const int64_t heads = a.heads, step = a.dilation[2] * heads;
+    const int64_t first2 = g.lo[2] * a.dilation[2] + t.ax[2]->group;
+    const int64_t cols = g.extent[2];
+    const T* rows[F::ROWLEN];
+    for (int64_t u2 = cols; u2 < F::ROWLEN; ++u2) rows[u2] = zeros;
+    for (int64_t u0 = 0; u0 < g.extent[0]; ++u0) {
+        const int64_t x0 = (g.lo[0] + u0) * a.dilation[0] + t.ax[0]->group;
+        for (int64_t u1 = 0; u1 < g.extent[1]; ++u1) {
+            const int64_t x1 = (g.lo[1] + u1) * a.dilation[1] + t.ax[1]->group;
+            const int64_t first = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + first2) * heads + t.h;
+            const int64_t slot = u0 * F::PLANE + u1 * F::ROWLEN;
+            for (int64_t u2 = 0; u2 < cols; ++u2) {
+                const int64_t row = (first + u2 * step) * F::HD;
+                rows[u2] = k + row;
+                std::memcpy(vu + (slot + u2) * F::HD, v + row, F::HD * sizeof(T));
+            }
+            for (int64_t c = 0; c < cols; c += V) rows_to_lanes<T>(rows + c, F::HD, kt + slot + c, F::KEYS);
+        }
+    }
+}
+
+// Scores of window rows [R0, K1) of one window plane, in blocks of up to 12 accumulators held in registers.
+// (Two accumulator sets over even / odd channels, against FMA latency, measured slower: 0.93 vs 1.00 ms.)
+template <class Cfg, int R0>
+NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
+                                  typename Cfg::T* __restrict sc) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NB = std::min(std::max(1, 12 / F::CH), F::K1 - R0);
+    Vec acc[NB * F::CH];
+    for (int i = 0; i < NB * F::CH; ++i) acc[i] = Vec{};
+#pragma GCC unroll 4
+    for (int d = 0; d < F::HD; ++d) {
+        const Vec xd = splat<T>(x[d]);
+        const T* row = kb + d * F::KEYS + R0 * F::ROWLEN;
+#pragma GCC unroll 64
+        for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 16
+            for (int c = 0; c < F::CH; ++c) acc[r * F::CH + c] += xd * load<T>(row + r * F::ROWLEN + c * V);
+    }
+    for (int i = 0; i < NB * F::CH; ++i) store<T>(sc + (R0 * F::CH + i) * V, acc[i]);
+    if constexpr (R0 + NB < F::K1) fixed_dot_rows<Cfg, R0 + NB>(kb, x, sc);
+}
+
+// P.V of one query for output vectors [J0, HD / V), in blocks of up to 4 accumulators; padding lanes are
+// skipped at compile time. (Accumulator sets taking turns over the keys measured slower.)
+template <class Cfg, int J0>
+NATGEN_INLINE void fixed_pv(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pr,
+                            typename Cfg::T* __restrict o, typename Cfg::T inv) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NVB = std::min(4, F::HD / V - J0);
+    Vec acc[NVB];
+    for (int j = 0; j < NVB; ++j) acc[j] = Vec{};
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        for (int a1 = 0; a1 < F::K1; ++a1) {
+            const T* vr = vb + (a0 * F::PLANE + a1 * F::ROWLEN) * F::HD + J0 * V;
+            const T* w = pr + (a0 * F::K1 + a1) * F::CH * V;
+#pragma GCC unroll 64
+            for (int n = 0; n < F::K2; ++n) {
+                const Vec wl = splat<T>(w[n]);
+#pragma GCC unroll 8
+                for (int j = 0; j < NVB; ++j) acc[j] += wl * load<T>(vr + n * F::HD + j * V);
+            }
+        }
+    for (int j = 0; j < NVB; ++j) store<T>(o + (J0 + j) * V, acc[j] * inv);
+    if constexpr (J0 + NVB < F::HD / V) fixed_pv<Cfg, J0 + NVB>(vb, pr, o, inv);
+}
+
+// P.V of two queries side by side on the last axis (B = A's neighbour), whose windows are the same rows
+// shifted by DELTA (1 in the interior, 0 where B's window is clamped onto A's): each value row is loaded once
+// for both. Within a window row, key n of A is value slot n and key n - DELTA of B.
+template <class Cfg, int NVB, int DELTA>
+NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typename Cfg::T* __restrict wa,
+                                 const typename Cfg::T* __restrict wb, typename VecTraits<typename Cfg::T>::type* acc_a,
+                                 typename VecTraits<typename Cfg::T>::type* acc_b) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+#pragma GCC unroll 64
+    for (int n = 0; n < F::K2 + DELTA; ++n) {
+        const T* vp = vr + n * F::HD;
+        if (n < F::K2 && n >= DELTA) {
+            const Vec xa = splat<T>(wa[n]), xb = splat<T>(wb[n - DELTA]);
+#pragma GCC unroll 8
+            for (int j = 0; j < NVB; ++j) {
+                const Vec vv = load<T>(vp + j * V);
+                acc_a[j] += xa * vv;
+                acc_b[j] += xb * vv;
+            }
+        } else if (n < F::K2) {
+            const Vec xa = splat<T>(wa[n]);
+#pragma GCC unroll 8
+            for (int j = 0; j < NVB; ++j) acc_a[j] += xa * load<T>(vp + j * V);
+        } else {
+            const Vec xb = splat<T>(wb[n - DELTA]);
+#pragma GCC unroll 8
+            for (int j = 0; j < NVB; ++j) acc_b[j] += xb * load<T>(vp + j * V);
+        }
+    }
+}
+
+template <class Cfg, int J0, int DELTA>
+NATGEN_INLINE void fixed_pv2(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pa,
+                             const typename Cfg::T* __restrict pb, typename Cfg::T* __restrict oa,
+                             typename Cfg::T* __restrict ob, typename Cfg::T inv_a, typename Cfg::T inv_b) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NVB = std::min(4, F::HD / V - J0);
+    Vec acc_a[NVB], acc_b[NVB];
+    for (int j = 0; j < NVB; ++j) acc_a[j] = acc_b[j] = Vec{};
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        for (int a1 = 0; a1 < F::K1; ++a1) {
+            const int64_t w = (a0 * F::K1 + a1) * F::CH * V;
+            fixed_pv2_row<Cfg, NVB, DELTA>(vb + (a0 * F::PLANE + a1 * F::ROWLEN) * F::HD + J0 * V, pa + w, pb + w,
+                                           acc_a, acc_b);
+        }
+    for (int j = 0; j < NVB; ++j) {
+        store<T>(oa + (J0 + j) * V, acc_a[j] * inv_a);
+        store<T>(ob + (J0 + j) * V, acc_b[j] * inv_b);
+    }
+    if constexpr (J0 + NVB < F::HD / V) fixed_pv2<Cfg, J0 + NVB, DELTA>(vb, pa, pb, oa, ob, inv_a, inv_b);
+}
+
+// Scores and softmax of one query: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2;
+// returns m2 and the sum l.
+template <class Cfg>
+NATGEN_INLINE void fixed_softmax(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
+                                 typename Cfg::T scale2, typename Cfg::T* __restrict sc,
+                                 typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    const T lowest = -std::numeric_limits<T>::infinity();
+    const auto last = lane_mask<T>(F::LAST);
+    for (int a0 = 0; a0 < F::K0; ++a0) fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * V);
+    Vec vmax = Vec{} + lowest;
+    for (int r = 0; r < F::ROWS; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < F::CH; ++c) {
+            Vec y = load<T>(sc + (r * F::CH + c) * V) * scale2;
+            if (c == F::CH - 1 && F::LAST < V) y = last ? y : Vec{} + lowest;
+            store<T>(sc + (r * F::CH + c) * V, y);
+            vmax = y > vmax ? y : vmax;
+        }
+    m2 = hmax(vmax);
+    Vec vsum = Vec{};
+    for (int r = 0; r < F::ROWS; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < F::CH; ++c) {
+            const Vec e = exp2_vec(load<T>(sc + (r * F::CH + c) * V) - m2);
+            store<T>(pr + (r * F::CH + c) * V, e);
+            vsum += e;
+        }
+    l = hsum(vsum);
+}
+
+template <class Cfg>
+NATGEN_INLINE void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef typename VecTraits<T>::itype IVec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    const Args& a = *p.a;
+    const T* q = reinterpret_cast<const T*>(a.q);
+    T* out = reinterpret_cast<T*>(a.out);
+    T* lse = reinterpret_cast<T*>(a.lse);
+    const Geometry g = geometry<Cfg>(p, t);
+    T* kt = line_aligned(s.kt.data());
+    T* vu = line_aligned(s.vu.data());
+    fixed_gather<Cfg>(p, t, g, kt, vu, s.zeros.data());
+    T* sc = s.scores.data();
+    T* pr = s.probs.data();
+    const T scale2 = static_cast<T>(a.scale * 1.4426950408889634);  // log2(e)
+    constexpr int ROW_SLOTS = (Cfg::TILE[2] + V - 1) / V * V;
+    alignas(64) T row_m2[ROW_SLOTS], row_l[ROW_SLOTS];
+    for (int i = 0; i < ROW_SLOTS; ++i) row_m2[i] = row_l[i] = T(1);
+    int64_t lo[3], hi[3], local[3];
+    for (int d = 0; d < 3; ++d) {
+        lo[d] = int64_t(t.tile[d]) * p.tile[d];
+        hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
+    }
+    for (local[0] = lo[0]; local[0] < hi[0]; ++local[0])
+    for (local[1] = lo[1]; local[1] < hi[1]; ++local[1]) {
+        const int64_t x0 = local[0] * a.dilation[0] + t.ax[0]->group;
+        const int64_t x1 = local[1] * a.dilation[1] + t.ax[1]->group;
+        const int64_t corner01 = ((t.ax[0]->start[local[0]] - g.lo[0]) * F::ROWS1 + t.ax[1]->start[local[1]] -
+                                  g.lo[1]) * F::ROWLEN - g.lo[2];
+        const int64_t row01 = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + t.ax[2]->group) * a.heads + t.h;
+        // queries in pairs along the last axis: scores one at a time, P.V together where their windows align
+        for (local[2] = lo[2]; local[2] < hi[2]; local[2] += 2) {
+            const int n = local[2] + 1 < hi[2] ? 2 : 1;
+            int64_t row[2], corner[2];
+            T inv[2];
+            for (int k = 0; k < n; ++k) {
+                row[k] = row01 + (local[2] + k) * a.dilation[2] * a.heads;
+                corner[k] = corner01 + t.ax[2]->start[local[2] + k];
+                T m2, l;
+                fixed_softmax<Cfg>(kt + corner[k], q + row[k] * F::HD, scale2, sc, pr + k * F::NSEG * V, m2, l);
+                inv[k] = T(1) / l;
+                const int64_t slot = local[2] + k - lo[2];
+                row_m2[slot] = m2;
+                row_l[slot] = l;
+            }
+            const int64_t delta = n == 2 ? corner[1] - corner[0] : -1;
+            if (delta == 1)
+                fixed_pv2<Cfg, 0, 1>(vu + corner[0] * F::HD, pr, pr + F::NSEG * V, out + row[0] * F::HD,
+                                     out + row[1] * F::HD, inv[0], inv[1]);
+            else if (delta == 0)
+                fixed_pv2<Cfg, 0, 0>(vu + corner[0] * F::HD, pr, pr + F::NSEG * V, out + row[0] * F::HD,
+                                     out + row[1] * F::HD, inv[0], inv[1]);
+            else
+                for (int k = 0; k < n; ++k)
+                    fixed_pv<Cfg, 0>(vu + corner[k] * F::HD, pr + k * F::NSEG * V, out + row[k] * F::HD, inv[k]);
+        }
+        // log-sum-exp of the row's queries, V at a time: ln2 * (m2 + log2(l))
+        if (lse)
+            for (int64_t i = 0; i < hi[2] - lo[2]; i += V) {
+                const Vec y = (load<T>(row_m2 + i) + log2_vec(load<T>(row_l + i))) * T(0.6931471805599453);
+                for (int j = 0; j < V && i + j < hi[2] - lo[2]; ++j)
+                    lse[row01 + (lo[2] + i + j) * a.dilation[2] * a.heads] = y[j];
+            }
+    }
+}
+
 template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
+    if constexpr (FixedFwd<Cfg>::enabled) {
+        if (p.fixed) {
+            fixed_tile<Cfg>(p, t, s);
+            return;
+        }
+    }
     typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
     const Args& a = *p.a;

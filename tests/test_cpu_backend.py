@@ -86,7 +86,16 @@ GRAD_CASES = _sweep(2, 3)
 # the benchmark shape (specialized instance, K=7, head_dim 32) and a small specialized 3x3 one
 SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0, "f32", 32, 32),
                      Case(2, (9, 11), (3, 3), (1, 2), (2, 1), (False, False), 2, "f32", 32, 32),
-                     Case(1, (70,), (31,), (1,), (2,), (False,), 0, "f32", 64, 64)]
+                     Case(1, (70,), (31,), (1,), (2,), (False,), 0, "f32", 64, 64),
+                     # the specialized forward's fixed-stride layout (constant K and head_dim, no extra tokens):
+                     # clamped borders, dilation groups, strides whose tiles split a stride group (key unions
+                     # wider than tile + K - 1 take the general path), half inputs, batch > 1, ranks 1 and 3
+                     Case(2, (23, 19), (7, 7), (3, 2), (1, 2), (False, False), 0, "f32", 32, 32, batch=2),
+                     Case(2, (13, 30), (5, 5), (1, 1), (2, 3), (False, False), 0, "f16", 32, 32),
+                     Case(2, (20, 17), (7, 7), (2, 1), (1, 1), (False, False), 0, "f32", 64, 64),
+                     Case(3, (9, 10, 11), (3, 3, 3), (1, 2, 1), (1, 1, 2), (False, False, False), 0, "f32", 32, 32,
+                          batch=2),
+                     Case(1, (100,), (7,), (1,), (3,), (False,), 0, "bf16", 32, 32)]
 # what the random sweep does not reach: windows longer than one vector along the last axis (several
 # segments per row, causal there too), head_dim_v over 64 (P.V in several register blocks), batch > 1,
 # and a mixed rank-3 causal mask (on demand); then several full 8-query lane groups per tile on the last axis
