@@ -70,13 +70,6 @@ template <> struct VecTraits<double> {
 template <typename T> NATGEN_INLINE T* line_aligned(T* p) {
     return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
-// x in every lane, as one broadcast (Vec{} + x costs an add, since -0.0 + 0.0 is not -0.0; a lane loop
-// compiles to a chain of inserts)
-template <typename T> NATGEN_INLINE typename VecTraits<T>::type splat(T x) {
-    typename VecTraits<T>::type v = {};
-    v[0] = x;
-    return __builtin_shuffle(v, typename VecTraits<T>::itype{});
-}
 template <typename T> NATGEN_INLINE typename VecTraits<T>::type load(const T* p) {
     typename VecTraits<T>::type v;
     std::memcpy(&v, p, sizeof(v));
@@ -1105,7 +1098,7 @@ NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const ty
     for (int i = 0; i < NB * F::CH; ++i) acc[i] = Vec{};
 #pragma GCC unroll 4
     for (int d = 0; d < F::HD; ++d) {
-        const Vec xd = splat<T>(x[d]);
+        const T xd = x[d];  // a scalar times a vector: one broadcast load
         const T* row = kb + d * F::KEYS + R0 * F::ROWLEN;
 #pragma GCC unroll 64
         for (int r = 0; r < NB; ++r)
@@ -1134,7 +1127,7 @@ NATGEN_INLINE void fixed_pv(const typename Cfg::T* __restrict vb, const typename
             const T* w = pr + (a0 * F::K1 + a1) * F::CH * V;
 #pragma GCC unroll 64
             for (int n = 0; n < F::K2; ++n) {
-                const Vec wl = splat<T>(w[n]);
+                const T wl = w[n];
 #pragma GCC unroll 8
                 for (int j = 0; j < NVB; ++j) acc[j] += wl * load<T>(vr + n * F::HD + j * V);
             }
@@ -1158,7 +1151,7 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typ
     for (int n = 0; n < F::K2 + DELTA; ++n) {
         const T* vp = vr + n * F::HD;
         if (n < F::K2 && n >= DELTA) {
-            const Vec xa = splat<T>(wa[n]), xb = splat<T>(wb[n - DELTA]);
+            const T xa = wa[n], xb = wb[n - DELTA];
 #pragma GCC unroll 8
             for (int j = 0; j < NVB; ++j) {
                 const Vec vv = load<T>(vp + j * V);
@@ -1166,11 +1159,11 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typ
                 acc_b[j] += xb * vv;
             }
         } else if (n < F::K2) {
-            const Vec xa = splat<T>(wa[n]);
+            const T xa = wa[n];
 #pragma GCC unroll 8
             for (int j = 0; j < NVB; ++j) acc_a[j] += xa * load<T>(vp + j * V);
         } else {
-            const Vec xb = splat<T>(wb[n - DELTA]);
+            const T xb = wb[n - DELTA];
 #pragma GCC unroll 8
             for (int j = 0; j < NVB; ++j) acc_b[j] += xb * load<T>(vp + j * V);
         }
