@@ -7,10 +7,12 @@ Backward runs the "bwd" twin of the chosen forward spec.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import logging
 import struct
+import threading
 from typing import Optional
 
 import torch
@@ -99,13 +101,23 @@ def _static_args(problem: Problem, threads: int) -> bytes:
     return _ARGS_STRUCT.pack(*[values[name] for name in ARG_FIELDS[:-1]], float(problem.scale))
 
 
-def _pack(problem: Problem, tensors: dict, threads: int) -> torch.Tensor:
-    # a copy of the cached static block with the addresses written in: ~2 us (struct packing of all 36 fields
-    # on every call was ~10 us)
-    data = bytearray(_static_args(problem, threads))
-    _POINTER_STRUCT.pack_into(data, 0, *[tensors[name].data_ptr() if tensors.get(name) is not None else 0
-                                         for name in _POINTERS])
-    return torch.frombuffer(data, dtype=torch.int64)
+_BLOCKS = threading.local()  # per thread: (problem, threads) -> (argument block, its address)
+
+
+def _pack(problem: Problem, tensors: dict, threads: int) -> int:
+    """Address of this thread's argument block for the problem, with the tensor addresses written in (the
+    block lives in a per-thread cache: a call reads it synchronously, and another thread has its own)."""
+    blocks = getattr(_BLOCKS, "blocks", None)
+    if blocks is None or len(blocks) > 256:
+        blocks = _BLOCKS.blocks = {}
+    entry = blocks.get((problem, threads))
+    if entry is None:
+        data = bytearray(_static_args(problem, threads))
+        view = (ctypes.c_char * len(data)).from_buffer(data)
+        entry = blocks[(problem, threads)] = (data, ctypes.addressof(view), view)
+    _POINTER_STRUCT.pack_into(entry[0], 0, *[tensors[name].data_ptr() if tensors.get(name) is not None else 0
+                                             for name in _POINTERS])
+    return entry[1]
 
 
 @functools.lru_cache(maxsize=256)
@@ -130,8 +142,12 @@ def forward(problem: Problem, q, k, v, extra_k, extra_v, arch=None):
     lse = torch.empty(*q.shape[:-1], dtype=dtype)
     args = _pack(problem, dict(q=q_, k=k_, v=v_, out=out, lse=lse, extra_k=ek_, extra_v=ev_),
                  torch.get_num_threads())
-    module.run(args.data_ptr(), len(ARG_FIELDS))
-    return out.to(problem.dtype), lse.to(torch.float32), instance.name
+    module.run(args, len(ARG_FIELDS))
+    if dtype != problem.dtype:
+        out = out.to(problem.dtype)
+    if dtype != torch.float32:
+        lse = lse.to(torch.float32)
+    return out, lse, instance.name
 
 
 def backward(problem: Problem, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse):
@@ -147,7 +163,7 @@ def backward(problem: Problem, q, k, v, extra_k, extra_v, out, lse, grad_out, gr
                              ("grad_extra_v", ev_))}
     args = _pack(problem, dict(q=q_, k=k_, v=v_, extra_k=ek_, extra_v=ev_, out=out_, grad_out=do_,
                                grad_lse=grad_lse_, lse=saved_lse, **grads), torch.get_num_threads())
-    module.run(args.data_ptr(), len(ARG_FIELDS))
+    module.run(args, len(ARG_FIELDS))
     result = []
     for name, original in (("grad_q", q), ("grad_k", k), ("grad_v", v), ("grad_extra_k", extra_k),
                            ("grad_extra_v", extra_v)):
