@@ -13,7 +13,10 @@
 // - Forward (namespace fwd): vectorized over keys. Per query, its window's keys along the last axis come in
 //   runs of V ("segments"); scores are FMAs of a broadcast query channel against a segment of transposed
 //   keys, P.V broadcast probabilities against row-major value rows. A query computes exactly its own keys,
-//   which matters near borders, where windows are clamped.
+//   which matters near borders, where windows are clamped. Specialized instances (constant K and head_dim,
+//   no causal axis) gather the union at fixed strides instead (FixedFwd, fixed_tile), so every key and
+//   value offset from a query's window corner is a compile-time constant, take the softmax in base 2,
+//   and compute P.V for two neighbouring queries at once (their windows share all but one value row).
 // - Backward: vectorized over queries. One vector holds V neighbouring queries along the last axis
 //   ("lanes"), whose windows are one box shifted by a key per lane, so the key of lane j at window (row,
 //   column) is column + j of a union row: one contiguous vector load per (row, column, channel) from keys and
