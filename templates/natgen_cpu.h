@@ -534,10 +534,12 @@ NATGEN_INLINE VecTraits<float>::type exp_vec(VecTraits<float>::type x) {
     std::memcpy(&scale, &bits, sizeof(scale));
     return y * scale;
 }
-NATGEN_INLINE VecTraits<double>::type exp_vec(VecTraits<double>::type x) {
-    for (int i = 0; i < VecTraits<double>::width; ++i) x[i] = std::exp(x[i]);
+// f64 transcendentals go lane by lane through libm
+NATGEN_INLINE VecTraits<double>::type lanewise(VecTraits<double>::type x, double (*fn)(double)) {
+    for (int i = 0; i < VecTraits<double>::width; ++i) x[i] = fn(x[i]);
     return x;
 }
+NATGEN_INLINE VecTraits<double>::type exp_vec(VecTraits<double>::type x) { return lanewise(x, std::exp); }
 
 // 2^y for y <= 0 (the specialized forward's softmax, whose scores are pre-scaled by log2(e)): y = n + f with n
 // = round(y) by the 1.5 * 2^23 trick (whose low mantissa bits are then n), 2^f on |f| <= 1/2 by its degree-6
@@ -563,10 +565,7 @@ NATGEN_INLINE VecTraits<float>::type exp2_vec(VecTraits<float>::type y) {
     std::memcpy(&e, &eb, sizeof(e));
     return e;
 }
-NATGEN_INLINE VecTraits<double>::type exp2_vec(VecTraits<double>::type y) {
-    for (int i = 0; i < VecTraits<double>::width; ++i) y[i] = std::exp2(y[i]);
-    return y;
-}
+NATGEN_INLINE VecTraits<double>::type exp2_vec(VecTraits<double>::type y) { return lanewise(y, std::exp2); }
 
 // log2(x) for finite x > 0 (the specialized forward's log-sum-exp, 8 queries at a time): x = m 2^e with m in
 // [sqrt(1/2), sqrt(2)), log2(m) = 2 atanh(t) / ln2 with t = (m - 1) / (m + 1), |t| <= 0.172, by its series to
@@ -591,10 +590,7 @@ NATGEN_INLINE VecTraits<float>::type log2_vec(VecTraits<float>::type x) {
     s = s * t2 + 1.0f;
     return __builtin_convertvector(e, Vec) + (s * t) * 2.88539008f;  // 2 / ln2
 }
-NATGEN_INLINE VecTraits<double>::type log2_vec(VecTraits<double>::type x) {
-    for (int i = 0; i < VecTraits<double>::width; ++i) x[i] = std::log2(x[i]);
-    return x;
-}
+NATGEN_INLINE VecTraits<double>::type log2_vec(VecTraits<double>::type x) { return lanewise(x, std::log2); }
 
 // Horizontal max / sum of one vector.
 template <typename Vec> NATGEN_INLINE auto hmax(Vec x) {
