@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <omp.h>
@@ -198,13 +199,27 @@ template <typename T> struct FwdScratch {
     }
 };
 
+// Cache-line aligned storage for the backward's buffers: union rows (strides of whole lines) then start on a
+// line, so interior lane loads never straddle one, and no vector of a lane buffer does (malloc aligns to 16).
+template <typename T> struct LineAlloc {
+    typedef T value_type;
+    LineAlloc() = default;
+    template <class U> LineAlloc(const LineAlloc<U>&) {}
+    T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U> bool operator==(const LineAlloc<U>&) const { return true; }
+    template <class U> bool operator!=(const LineAlloc<U>&) const { return false; }
+};
+template <typename T> using LineVec = std::vector<T, LineAlloc<T>>;
+
 // Thread-private buffers, sized once per thread for the largest tile. Lane buffers hold V queries side by
 // side: x[channel * V + lane].
 template <typename T> struct Scratch {
-    std::vector<T> kt, vt, ekt, evt;         // key / value unions ([row][channel][column]), extras [channel][e]
-    std::vector<T> dkr, dvr;                 // backward: key grads per union position, row-major
-    std::vector<T> qt, dot, ot;              // lane buffers: queries, output cotangents, outputs / dq
-    std::vector<T> sc, pr, dp;               // per (window row, column) and extra token: one vector of lanes
+    LineVec<T> kt, vt, ekt, evt;             // key / value unions ([row][channel][column]), extras [channel][e]
+    LineVec<T> dkr, dvr;                     // backward: key grads per union position, row-major
+    LineVec<T> qt, dot, ot;                  // lane buffers: queries, output cotangents, outputs / dq
+    LineVec<T> xr;                           // backward, fixed shape: q and dO rows of a lane group [2][V][dims]
+    LineVec<T> sc, pr, dp;                   // per (window row, column) and extra token: one vector of lanes
     std::vector<char> colmask;               // per column: an itype vector of the lanes whose window contains it
     std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
     std::vector<T> zeros, sink;
@@ -228,6 +243,7 @@ template <typename T> struct Scratch {
         qt.assign(dims * V, T(0));
         dot.assign(dims * V, T(0));
         ot.assign(dims * V, T(0));
+        xr.assign(2 * V * dims, T(0));
         const int64_t vectors = p.max_rows * p.max_cols + p.n_extra;
         sc.assign(vectors * V, T(0));
         pr.assign(vectors * V, T(0));
@@ -972,6 +988,150 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
 
 }  // namespace fwd
 
+// ------------------------------------------------------------------------------------- backward, fixed shape
+// Instances whose kernel size and head_dim are compile-time (and not causal) run the lane groups whose lanes'
+// windows are one box shifted by a key per lane (the interior: `uniform`, all V lanes) through kernels in which
+// every count is a constant: in a tile whose union rows have the stride RS (every interior tile of one lane
+// group's width), a window row is BS = HD * RS elements after the previous one, so every (row, column,
+// channel) load is a constant displacement from one base pointer, and the key grads of a window row are
+// HD-element rows at constant offsets too. Other groups (borders, partial groups, extra tokens) take the
+// general kernels above.
+template <class Cfg> struct Fixed {
+    typedef typename Cfg::T T;
+    static constexpr int V = VecTraits<T>::width;
+    static constexpr int K0 = Cfg::K[0], K1 = Cfg::K[1], K2 = Cfg::K[2], HD = Cfg::HD;
+    static constexpr bool on = K0 > 0 && K1 > 0 && K2 > 0 && K2 <= 14 && HD > 0 && HD % V == 0 && !Cfg::C[0] &&
+                               !Cfg::C[1] && !Cfg::C[2];
+    static constexpr int line = 64 / sizeof(T);
+    // a tile of one lane group's width reads K2 + V - 1 columns per union row
+    static constexpr int RS = (K2 + V - 1 + line - 1) / line * line;
+    static constexpr int BS = HD * RS;
+    static constexpr int CELLS = K0 * K1 * K2;  // (row, column) cells of a window
+    static constexpr int KEYS = K2 + V - 1;     // key positions a window row's lanes touch
+    static constexpr int NR = K2 > 7 ? 1 : 14 / K2;  // rows per score block (NR * K2 <= 14 accumulators)
+    static constexpr int NE = HD % 8 == 0 ? 8 : V;   // channels per dQ block
+    static constexpr int DV = (HD / V) % 2 == 0 ? 2 : 1;  // vectors per key-grad block
+    static constexpr int KB = DV == 2 ? 4 : 8;            // keys per key-grad block
+};
+
+// x in every lane (element-wise, so the compiler emits one broadcast load; Vec{} + x keeps an add, since
+// -0 + 0 is +0)
+template <typename T> NATGEN_INLINE typename VecTraits<T>::type splat(T x) {
+    typename VecTraits<T>::type v;
+    for (int i = 0; i < VecTraits<T>::width; ++i) v[i] = x;
+    return v;
+}
+
+// out[(r * K2 + c) * V] = sum_d x[d * V] * b[r * BS + d * RS + c + lane] for NR window rows.
+template <class F, int NR>
+NATGEN_INLINE void fixed_dot_block(const typename F::T* __restrict x, const typename F::T* __restrict b,
+                                   typename F::T* __restrict out) {
+    typedef typename F::T T;
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = F::V, NC = F::K2;
+    Vec acc[NR][NC];
+    for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < NC; ++c) acc[r][c] = Vec{};
+#pragma GCC unroll 4
+    for (int d = 0; d < F::HD; ++d) {
+        const Vec xv = load<T>(x + d * V);
+        for (int r = 0; r < NR; ++r)
+            for (int c = 0; c < NC; ++c) acc[r][c] += xv * load<T>(b + r * F::BS + d * F::RS + c);
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < NC; ++c) store<T>(out + (r * NC + c) * V, acc[r][c]);
+}
+
+// Scores of every window cell: row_off[a0 * K1] is the first row of plane a0, its K1 rows follow at BS.
+template <class F>
+NATGEN_INLINE void fixed_dot(const typename F::T* x, const typename F::T* buf, const int64_t* row_off,
+                             typename F::T* out) {
+    constexpr int V = F::V;
+    for (int a0 = 0; a0 < F::K0; ++a0) {
+        const typename F::T* b = buf + row_off[a0 * F::K1];
+        typename F::T* o = out + a0 * F::K1 * F::K2 * V;
+        int r = 0;
+        for (; r + F::NR <= F::K1; r += F::NR) fixed_dot_block<F, F::NR>(x, b + r * F::BS, o + r * F::K2 * V);
+        for (; r < F::K1; ++r) fixed_dot_block<F, 1>(x, b + r * F::BS, o + r * F::K2 * V);
+    }
+}
+
+// out[e * V] = sum over cells of w[cell] * buf[row + e * RS + c + lane] for the NE channels at buf (dQ).
+template <class F>
+NATGEN_INLINE void fixed_acc(const typename F::T* w, const typename F::T* buf, const int64_t* row_off,
+                             typename F::T* out) {
+    typedef typename F::T T;
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = F::V, NE = F::NE;
+    for (int e0 = 0; e0 < F::HD; e0 += NE) {
+        Vec acc[NE];
+        for (int e = 0; e < NE; ++e) acc[e] = Vec{};
+        const T* wp = w;
+        for (int a0 = 0; a0 < F::K0; ++a0) {
+            const T* b = buf + row_off[a0 * F::K1] + e0 * F::RS;
+            for (int r = 0; r < F::K1; ++r, b += F::BS, wp += F::K2 * V) {
+#pragma GCC unroll 16
+                for (int c = 0; c < F::K2; ++c) {
+                    const Vec wv = load<T>(wp + c * V);
+                    for (int e = 0; e < NE; ++e) acc[e] += wv * load<T>(b + e * F::RS + c);
+                }
+            }
+        }
+        for (int e = 0; e < NE; ++e) store<T>(out + (e0 + e) * V, acc[e]);
+    }
+}
+
+// Key grads of one window row, keys [T0, T0 + KB) and vectors [v0, v0 + DV) of HD: key t receives from
+// lane j (column t - j) w[(t - j) * V + j] * x[j * HD + ...], summed in registers, added to o[t * HD].
+template <class F, int T0, int KB>
+NATGEN_INLINE void fixed_skew_block(const typename F::T* __restrict w, const typename F::T* __restrict x,
+                                    typename F::T* __restrict o) {
+    typedef typename F::T T;
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = F::V, DV = F::DV, HD = F::HD;
+    Vec acc[KB][DV];
+    for (int t = 0; t < KB; ++t)
+        for (int v = 0; v < DV; ++v) acc[t][v] = load<T>(o + (T0 + t) * HD + v * V);
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) {
+        if (T0 + KB - 1 - j < 0 || T0 - j >= F::K2) continue;
+        Vec xv[DV];
+        for (int v = 0; v < DV; ++v) xv[v] = load<T>(x + j * HD + v * V);
+#pragma GCC unroll 16
+        for (int t = 0; t < KB; ++t) {
+            const int c = T0 + t - j;
+            if (c < 0 || c >= F::K2) continue;
+            const Vec wb = splat<T>(w[c * V + j]);
+            for (int v = 0; v < DV; ++v) acc[t][v] += wb * xv[v];
+        }
+    }
+    for (int t = 0; t < KB; ++t)
+        for (int v = 0; v < DV; ++v) store<T>(o + (T0 + t) * HD + v * V, acc[t][v]);
+}
+
+template <class F, int T0>
+NATGEN_INLINE void fixed_skew_keys(const typename F::T* w, const typename F::T* x, typename F::T* o) {
+    if constexpr (T0 < F::KEYS) {
+        constexpr int KB = F::KB < F::KEYS - T0 ? F::KB : F::KEYS - T0;
+        fixed_skew_block<F, T0, KB>(w, x, o);
+        fixed_skew_keys<F, T0 + KB>(w, x, o);
+    }
+}
+
+// dst[(key_off[row] + t) * HD + ...] += sum over lanes: every window row's keys, every channel.
+template <class F>
+NATGEN_INLINE void fixed_skew(const typename F::T* w, const typename F::T* x, const int64_t* key_off,
+                              typename F::T* dst) {
+    typedef typename F::T T;
+    constexpr int V = F::V;
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        for (int r = 0; r < F::K1; ++r) {
+            const int row = a0 * F::K1 + r;
+            T* o = dst + key_off[a0 * F::K1] * F::HD + r * F::RS * F::HD;
+            for (int v0 = 0; v0 < F::HD; v0 += F::DV * V) fixed_skew_keys<F, 0>(w + row * F::K2 * V, x + v0, o + v0);
+        }
+}
+
 // (The query loop below repeats forward_tile's on purpose: a shared helper taking a lambda would move the
 // loop body into the lambda, which target_clones does not clone, so it would run the baseline ISA;
 // measured 7x slower on cpu-2d.)
@@ -996,8 +1156,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
               s.ekt.data(), s.zeros.data());
     gather<T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv, s.vt.data(),
               s.evt.data(), s.zeros.data());
-    std::fill(s.dkr.begin(), s.dkr.begin() + p.hd * (g.keys + p.n_extra), T(0));
-    std::fill(s.dvr.begin(), s.dvr.begin() + p.hdv * (g.keys + p.n_extra), T(0));
+    // (the key-grad buffers are all zero here: zeroed once, and the flush below zeroes what it read)
     const T scale = static_cast<T>(a.scale);
     int64_t lo[3], hi[3];
     for (int d = 0; d < 3; ++d) {
@@ -1008,6 +1167,77 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
     for (int64_t l1 = lo[1]; l1 < hi[1]; ++l1)
     for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += V) {
         const LaneGroup<T> lg = lane_group<Cfg>(p, t, g, l0, l1, l2, hi[2], s);
+        if constexpr (Fixed<Cfg>::on) {
+            typedef Fixed<Cfg> F;
+            constexpr int HD = F::HD;
+            if (lg.uniform && lg.lanes == V && lg.cols == F::K2 && lg.rows == F::K0 * F::K1 && g.rs == F::RS &&
+                p.n_extra == 0 && p.hd == HD && p.hdv == HD) {
+                // q and dO rows side by side (the key grads' operands), then as lanes
+                T* xq = s.xr.data();
+                T* xo = xq + V * HD;
+                const T* qr[V];
+                const T* dor[V];
+                T* dqr[V];
+                for (int j = 0; j < V; ++j) {
+                    std::memcpy(xq + j * HD, q + lg.qrow[j] * HD, HD * sizeof(T));
+                    std::memcpy(xo + j * HD, dout + lg.qrow[j] * HD, HD * sizeof(T));
+                    qr[j] = xq + j * HD;
+                    dor[j] = xo + j * HD;
+                    dqr[j] = dq + lg.qrow[j] * HD;
+                }
+                rows_to_lanes<T>(qr, HD, s.qt.data(), V);
+                scale_lanes<T>(s.qt.data(), HD, scale);
+                rows_to_lanes<T>(dor, HD, s.dot.data(), V);
+                {  // S = (scale q).k, dP = dO.v
+                    const T* xs[2] = {s.qt.data(), s.dot.data()};
+                    const T* bufs[2] = {s.kt.data(), s.vt.data()};
+                    T* outs[2] = {s.sc.data(), s.dp.data()};
+                    for (int pass = 0; pass < 2; ++pass) fixed_dot<F>(xs[pass], bufs[pass], s.row_off.data(), outs[pass]);
+                }
+                T* sc = s.sc.data();
+                T* pr = s.pr.data();
+                T* ds = s.dp.data();
+                Vec shift;
+                if (lse) {
+                    for (int j = 0; j < V; ++j) shift[j] = lse[lg.qrow[j]];
+                } else {
+                    shift = load<T>(sc);
+                    for (int i = 1; i < F::CELLS; ++i) {
+                        const Vec x = load<T>(sc + i * V);
+                        shift = x > shift ? x : shift;
+                    }
+                }
+                Vec sum = Vec{};
+                for (int i = 0; i < F::CELLS; ++i) {
+                    const Vec e = exp_vec(load<T>(sc + i * V) - shift);
+                    store<T>(pr + i * V, e);
+                    sum += e;
+                }
+                if (!lse) {
+                    const Vec inv = T(1) / sum;
+                    for (int i = 0; i < F::CELLS; ++i) store<T>(pr + i * V, load<T>(pr + i * V) * inv);
+                }
+                const T* orr[V];
+                for (int j = 0; j < V; ++j) orr[j] = out + lg.qrow[j] * HD;
+                rows_to_lanes<T>(orr, HD, s.ot.data(), V);
+                Vec di = Vec{};
+                for (int e = 0; e < HD; ++e) di += load<T>(s.dot.data() + e * V) * load<T>(s.ot.data() + e * V);
+                if (grad_lse)
+                    for (int j = 0; j < V; ++j) di[j] -= grad_lse[lg.qrow[j]];
+                // dS, scaled: dQ = dS.k and dK = dS^T q need no further scaling
+                for (int i = 0; i < F::CELLS; ++i)
+                    store<T>(ds + i * V, load<T>(pr + i * V) * (load<T>(ds + i * V) - di) * scale);
+                fixed_acc<F>(ds, s.kt.data(), s.row_off.data(), s.ot.data());
+                lanes_to_rows<T>(s.ot.data(), HD, dqr);
+                {  // dK += dS^T q, dV += P^T dO
+                    const T* ws[2] = {ds, pr};
+                    const T* xs[2] = {xq, xo};
+                    T* dsts[2] = {s.dkr.data(), s.dvr.data()};
+                    for (int pass = 0; pass < 2; ++pass) fixed_skew<F>(ws[pass], xs[pass], s.key_off.data(), dsts[pass]);
+                }
+                continue;
+            }
+        }
         const T* qr[V];
         const T* dor[V];
         T* dqr[V];
@@ -1070,28 +1300,39 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
                             alphas[pass], dsts[pass], dims[pass]);
         }
     }
-    // flush the tile's key grads (tiles of one unit overlap, so this adds)
+    // flush the tile's key grads (tiles of one unit overlap, so this adds) and zero every position the tile
+    // wrote, for the next tile; a union row's keys are one run of columns
     const int64_t heads = a.heads, base = t.b * p.tokens * heads;
+    const int64_t hd = Cfg::HD ? Cfg::HD : p.hd, hdv = Cfg::HD ? Cfg::HD : p.hdv;
+    const int64_t u_lo = g.lpad, u_hi = g.lpad + std::min(g.extent[2], t.ax[2]->length - g.lo[2]);
+    const int64_t kstride = a.dilation[2] * heads;
     for (int64_t ur = 0; ur < g.nrows; ++ur) {
-        int64_t token, l2;
-        if (!union_row_token(a, t, g, ur, token)) continue;
-        for (int64_t u2 = 0; u2 < g.row_len; ++u2) {
-            if (!union_column(t, g, u2, l2)) continue;
-            const int64_t row = base + (token + l2 * a.dilation[2]) * heads + t.h;
-            T* dkr = dk + row * p.hd;
-            T* dvr = dv + row * p.hdv;
-            const T* sk = s.dkr.data() + (ur * g.rs + u2) * p.hd;
-            const T* sv = s.dvr.data() + (ur * g.rs + u2) * p.hdv;
-            for (int64_t d = 0; d < p.hd; ++d) dkr[d] += sk[d];
-            for (int64_t d = 0; d < p.hdv; ++d) dvr[d] += sv[d];
+        int64_t token;
+        T* sk = s.dkr.data() + ur * g.rs * hd;
+        T* sv = s.dvr.data() + ur * g.rs * hdv;
+        if (union_row_token(a, t, g, ur, token)) {
+            const int64_t row0 = base + (token + g.lo[2] * a.dilation[2]) * heads + t.h - g.lpad * kstride;
+            for (int64_t u2 = u_lo; u2 < u_hi; ++u2) {
+                const int64_t row = row0 + u2 * kstride;
+                T* dkr = dk + row * hd;
+                T* dvr = dv + row * hdv;
+                const T* k2 = sk + u2 * hd;
+                const T* v2 = sv + u2 * hdv;
+                for (int64_t d = 0; d < hd; ++d) dkr[d] += k2[d];
+                for (int64_t d = 0; d < hdv; ++d) dvr[d] += v2[d];
+            }
         }
+        std::memset(sk, 0, g.row_len * hd * sizeof(T));
+        std::memset(sv, 0, g.row_len * hdv * sizeof(T));
     }
     for (int64_t e = 0; e < p.n_extra; ++e) {
         T* ek = s.extra_grads.data() + e * (p.hd + p.hdv);
-        const T* sk = s.dkr.data() + (g.keys + e) * p.hd;
-        const T* sv = s.dvr.data() + (g.keys + e) * p.hdv;
+        T* sk = s.dkr.data() + (g.keys + e) * p.hd;
+        T* sv = s.dvr.data() + (g.keys + e) * p.hdv;
         for (int64_t d = 0; d < p.hd; ++d) ek[d] += sk[d];
         for (int64_t d = 0; d < p.hdv; ++d) ek[p.hd + d] += sv[d];
+        std::memset(sk, 0, p.hd * sizeof(T));
+        std::memset(sv, 0, p.hdv * sizeof(T));
     }
 }
 
