@@ -150,6 +150,37 @@ def forward(problem: Problem, q, k, v, extra_k, extra_v, arch=None):
     return out, lse, instance.name
 
 
+def runner(problem: Problem):
+    """A callable (q, k, v) -> (out, lse) for float32 calls without extra tokens, or None: everything forward()
+    derives from the problem is done once here. It returns None for tensors it cannot pass as they are (not
+    contiguous), and the caller takes the full path."""
+    dtype = torch.float32
+    if problem.n_extra or problem.dtype != dtype:
+        return None
+    _, module = _modules(problem, "fwd")
+    out_shape = (problem.batch, *problem.spatial, problem.heads, problem.head_dim_v)
+    lse_shape = out_shape[:-1]
+    call, fields, pack_into, empty = module.run, len(ARG_FIELDS), _POINTER_STRUCT.pack_into, torch.empty
+    tail = (0,) * (len(_POINTERS) - 5)
+    get_threads = torch.get_num_threads
+
+    def run(q, k, v):
+        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+            return None
+        threads = get_threads()
+        blocks = getattr(_BLOCKS, "blocks", None)
+        entry = blocks.get((problem, threads)) if blocks is not None else None
+        if entry is None:
+            _pack(problem, {}, threads)
+            entry = _BLOCKS.blocks[(problem, threads)]
+        out, lse = empty(out_shape, dtype=dtype), empty(lse_shape, dtype=dtype)
+        pack_into(entry[0], 0, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *tail)
+        call(entry[1], fields)
+        return out, lse
+
+    return run
+
+
 def backward(problem: Problem, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse):
     instance, module = _modules(problem, "bwd")
     dtype = compute_dtype(problem.dtype)
@@ -174,7 +205,7 @@ def backward(problem: Problem, q, k, v, extra_k, extra_v, out, lse, grad_out, gr
 
 def _register():
     from .ops import Backend, register_backend
-    register_backend(Backend("cpu", forward, "cpu", available, choose, backward=backward))
+    register_backend(Backend("cpu", forward, "cpu", available, choose, backward=backward, runner=runner))
 
 
 _register()

@@ -28,6 +28,9 @@ class Backend:
     available: Callable[[], bool]
     choose: Callable[[Problem, str], Optional[Instance]]   # raises NoKernelError when nothing fits
     backward: Optional[Callable] = None
+    # runner(problem) -> None, or a callable (q, k, v) -> (out, lse) for calls without extra tokens or grads,
+    # which returns None where it cannot take the tensors as they are (the full path then runs)
+    runner: Optional[Callable] = None
 
 
 BACKENDS: Dict[str, Backend] = {}
@@ -220,13 +223,60 @@ def _problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, add
     return problem
 
 
-def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                           additional_keys=None, additional_values=None, return_lse=False, backend=None,
-                           arch=None):
+# Resolved calls: the call's facts (see _fast_key) -> (problem, backend name, runner or None). A model calls an
+# op with the same shapes and arguments over and over; on a 0.3 ms CPU call the full path (validation, backend
+# choice, output allocation through the generic forward) cost ~25 us.
+_CALLS: dict = {}
+
+
+def _fast_key(rank, q, k, v, arguments):
+    """Every fact the full path reads from a call without extra tokens, or None (the full path then runs):
+    plain tensors only, and each argument with its type (True and 1 stay apart, as do 7 and 7.0)."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    key = [rank, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device]
+    for value in arguments:
+        kind = type(value)
+        key.append(kind)
+        key.append(tuple((type(x), x) for x in value) if kind is tuple or kind is list else value)
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _resolve_call(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+                  additional_values, backend, arch):
     _check_arch(arch)
     problem = _problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
                        additional_keys, additional_values)
     name = resolve_backend(problem, backend)
+    factory = BACKENDS[name].runner if name != "reference" else None
+    return problem, name, factory(problem) if factory is not None else None
+
+
+def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                           additional_keys=None, additional_values=None, return_lse=False, backend=None,
+                           arch=None):
+    key = None
+    if additional_keys is None and additional_values is None:
+        key = _fast_key(rank, q, k, v, (kernel_size, stride, dilation, is_causal, scale, backend, arch))
+    entry = _CALLS.get(key) if key is not None else None
+    if entry is None:
+        entry = _resolve_call(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+                              additional_values, backend, arch)
+        if key is not None:
+            if len(_CALLS) >= _PROBLEMS_MAX:
+                _CALLS.clear()
+            _CALLS[key] = entry
+    problem, name, runner = entry
+    if runner is not None and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or
+                                                                v.requires_grad)):
+        result = runner(q, k, v)
+        if result is not None:
+            return result if return_lse else result[0]
     if name == "reference":
         return na_reference(q, k, v, problem, additional_keys, additional_values, return_lse=return_lse)
     tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]

@@ -44,6 +44,19 @@
 #else
 #define NATGEN_CLONES
 #endif
+// The fixed-shape kernels (constant K and head_dim) are built once, for AVX2+FMA, not per clone of the unit
+// function (three clones of them took 6 s of compile time), and called where the CPU has AVX2 and FMA.
+// NATGEN_PIN(v) keeps a vector in a register: without it GCC folds one load into every FMA that reads it
+// (a value row used by two queries was loaded twice, and the loads, not the FMAs, set the pace).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NATGEN_NO_CLONES)
+#define NATGEN_FIXED_TARGET __attribute__((noinline, target("arch=x86-64-v3")))
+#define NATGEN_FIXED_ISA() (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+#define NATGEN_PIN(v) asm("" : "+x"(v))
+#else
+#define NATGEN_FIXED_TARGET __attribute__((noinline))
+#define NATGEN_FIXED_ISA() true
+#define NATGEN_PIN(v) ((void)0)
+#endif
 #define NATGEN_INLINE inline __attribute__((always_inline))
 #define NATGEN_EXPORT __attribute__((visibility("default")))
 
@@ -225,8 +238,8 @@ template <typename T> struct FwdScratch {
         kt.assign(std::max(p.hd * n, p.hd * p.fixed_keys) + 64 / sizeof(T), T(0));  // + room to align
         vu.assign(std::max(p.hdv_padded * n, p.hdv * p.fixed_keys) + 64 / sizeof(T), T(0));
         acc.assign(p.hdv_padded + V, T(0));
-        scores.assign(p.max_segments * V, T(0));
-        probs.assign(2 * p.max_segments * V, T(0));  // the fixed forward's query pairs
+        scores.assign(2 * p.max_segments * V, T(0));  // the fixed forward's query pairs
+        probs.assign(4 * p.max_segments * V, T(0));   // and its 2 x 2 query blocks
         valid.assign(p.max_segments, 0);
         bases.assign(p.max_segments, 0);
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
@@ -1169,7 +1182,8 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typ
             const T xa = wa[n], xb = wb[n - DELTA];
 #pragma GCC unroll 8
             for (int j = 0; j < NVB; ++j) {
-                const Vec vv = load<T>(vp + j * V);
+                Vec vv = load<T>(vp + j * V);
+                NATGEN_PIN(vv);
                 acc_a[j] += xa * vv;
                 acc_b[j] += xb * vv;
             }
@@ -1186,7 +1200,7 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typ
 }
 
 template <class Cfg, int J0, int DELTA>
-NATGEN_INLINE void fixed_pv2(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pa,
+NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pa,
                              const typename Cfg::T* __restrict pb, typename Cfg::T* __restrict oa,
                              typename Cfg::T* __restrict ob, typename Cfg::T inv_a, typename Cfg::T inv_b) {
     typedef typename Cfg::T T;
@@ -1209,19 +1223,56 @@ NATGEN_INLINE void fixed_pv2(const typename Cfg::T* __restrict vb, const typenam
     if constexpr (J0 + NVB < F::HD / V) fixed_pv2<Cfg, J0 + NVB, DELTA>(vb, pa, pb, oa, ob, inv_a, inv_b);
 }
 
-// Scores and softmax of one query: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2;
+// Scores of two queries stacked on axis 1 (B below A), rows [U0, K1 + DV) of their window union in one plane:
+// B's window is A's shifted down by DV rows (1 in the interior, 0 where B's window is clamped onto A's), so
+// each key vector is loaded once for both: 2 FMAs a load where one query alone does 1 (and twice the
+// independent accumulator chains against FMA latency).
+template <class Cfg, int DV, int U0>
+NATGEN_INLINE void fixed_dot_rows2(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict xa,
+                                   const typename Cfg::T* __restrict xb, typename Cfg::T* __restrict sca,
+                                   typename Cfg::T* __restrict scb) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NU = F::K1 + DV;
+    constexpr int NB = std::min(std::max(1, 4 / F::CH), NU - U0);  // 8 spilled
+    Vec acc_a[NB * F::CH], acc_b[NB * F::CH];
+    for (int i = 0; i < NB * F::CH; ++i) acc_a[i] = acc_b[i] = Vec{};
+#pragma GCC unroll 4
+    for (int d = 0; d < F::HD; ++d) {
+        const T ad = xa[d], bd = xb[d];
+        const T* row = kb + d * F::KEYS + U0 * F::ROWLEN;
+#pragma GCC unroll 64
+        for (int u = 0; u < NB; ++u)
+#pragma GCC unroll 16
+            for (int c = 0; c < F::CH; ++c) {
+                const Vec kv = load<T>(row + u * F::ROWLEN + c * V);
+                if (U0 + u < F::K1) acc_a[u * F::CH + c] += ad * kv;
+                if (U0 + u >= DV) acc_b[u * F::CH + c] += bd * kv;
+            }
+    }
+#pragma GCC unroll 64
+    for (int u = 0; u < NB; ++u)
+#pragma GCC unroll 16
+        for (int c = 0; c < F::CH; ++c) {
+            if (U0 + u < F::K1) store<T>(sca + ((U0 + u) * F::CH + c) * V, acc_a[u * F::CH + c]);
+            if (U0 + u >= DV) store<T>(scb + ((U0 + u - DV) * F::CH + c) * V, acc_b[u * F::CH + c]);
+        }
+    if constexpr (U0 + NB < NU) fixed_dot_rows2<Cfg, DV, U0 + NB>(kb, xa, xb, sca, scb);
+}
+
+// Softmax of one query's scores: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2;
 // returns m2 and the sum l.
 template <class Cfg>
-NATGEN_INLINE void fixed_softmax(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
-                                 typename Cfg::T scale2, typename Cfg::T* __restrict sc,
-                                 typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
+NATGEN_INLINE void fixed_probs(typename Cfg::T* __restrict sc, typename Cfg::T scale2, typename Cfg::T* __restrict pr,
+                               typename Cfg::T& m2, typename Cfg::T& l) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
     const T lowest = -std::numeric_limits<T>::infinity();
     const auto last = lane_mask<T>(F::LAST);
-    for (int a0 = 0; a0 < F::K0; ++a0) fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * V);
     Vec vmax = Vec{} + lowest;
     for (int r = 0; r < F::ROWS; ++r)
 #pragma GCC unroll 16
@@ -1243,8 +1294,33 @@ NATGEN_INLINE void fixed_softmax(const typename Cfg::T* __restrict kb, const typ
     l = hsum(vsum);
 }
 
+// Scores and softmax of one query (sc: NSEG vectors of scratch).
 template <class Cfg>
-NATGEN_INLINE void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
+NATGEN_INLINE void fixed_softmax(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
+                                 typename Cfg::T scale2, typename Cfg::T* __restrict sc,
+                                 typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
+    typedef FixedFwd<Cfg> F;
+    for (int a0 = 0; a0 < F::K0; ++a0) fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * F::V);
+    fixed_probs<Cfg>(sc, scale2, pr, m2, l);
+}
+
+// The same for two queries stacked on axis 1 (see fixed_dot_rows2; sc: 2 * NSEG vectors of scratch).
+template <class Cfg, int DV>
+NATGEN_FIXED_TARGET void fixed_softmax2(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict xa,
+                                  const typename Cfg::T* __restrict xb, typename Cfg::T scale2,
+                                  typename Cfg::T* __restrict sc, typename Cfg::T* __restrict pra,
+                                  typename Cfg::T* __restrict prb, typename Cfg::T* m2, typename Cfg::T* l) {
+    typedef FixedFwd<Cfg> F;
+    constexpr int NS = F::NSEG * F::V;
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        fixed_dot_rows2<Cfg, DV, 0>(kb + a0 * F::PLANE, xa, xb, sc + a0 * F::K1 * F::CH * F::V,
+                                    sc + NS + a0 * F::K1 * F::CH * F::V);
+    fixed_probs<Cfg>(sc, scale2, pra, m2[0], l[0]);
+    fixed_probs<Cfg>(sc + NS, scale2, prb, m2[1], l[1]);
+}
+
+template <class Cfg>
+NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef typename VecTraits<T>::itype IVec;
@@ -1262,59 +1338,84 @@ NATGEN_INLINE void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typena
     T* pr = s.probs.data();
     const T scale2 = static_cast<T>(a.scale * 1.4426950408889634);  // log2(e)
     constexpr int ROW_SLOTS = (Cfg::TILE[2] + V - 1) / V * V;
-    alignas(64) T row_m2[ROW_SLOTS], row_l[ROW_SLOTS];
-    for (int i = 0; i < ROW_SLOTS; ++i) row_m2[i] = row_l[i] = T(1);
-    int64_t lo[3], hi[3], local[3];
+    constexpr int NS = F::NSEG * V;
+    alignas(64) T row_m2[2][ROW_SLOTS], row_l[2][ROW_SLOTS];
+    for (int i = 0; i < ROW_SLOTS; ++i) row_m2[0][i] = row_l[0][i] = row_m2[1][i] = row_l[1][i] = T(1);
+    int64_t lo[3], hi[3];
     for (int d = 0; d < 3; ++d) {
         lo[d] = int64_t(t.tile[d]) * p.tile[d];
         hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
     }
-    for (local[0] = lo[0]; local[0] < hi[0]; ++local[0])
-    for (local[1] = lo[1]; local[1] < hi[1]; ++local[1]) {
-        const int64_t x0 = local[0] * a.dilation[0] + t.ax[0]->group;
-        const int64_t x1 = local[1] * a.dilation[1] + t.ax[1]->group;
-        const int64_t corner01 = ((t.ax[0]->start[local[0]] - g.lo[0]) * F::ROWS1 + t.ax[1]->start[local[1]] -
-                                  g.lo[1]) * F::ROWLEN - g.lo[2];
-        const int64_t row01 = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + t.ax[2]->group) * a.heads + t.h;
-        // queries in pairs along the last axis: scores one at a time, P.V together where their windows align
-        for (local[2] = lo[2]; local[2] < hi[2]; local[2] += 2) {
-            const int n = local[2] + 1 < hi[2] ? 2 : 1;
-            int64_t row[2], corner[2];
-            T inv[2];
-            for (int k = 0; k < n; ++k) {
-                row[k] = row01 + (local[2] + k) * a.dilation[2] * a.heads;
-                corner[k] = corner01 + t.ax[2]->start[local[2] + k];
-                T m2, l;
-                fixed_softmax<Cfg>(kt + corner[k], q + row[k] * F::HD, scale2, sc, pr + k * F::NSEG * V, m2, l);
-                inv[k] = T(1) / l;
-                const int64_t slot = local[2] + k - lo[2];
-                row_m2[slot] = m2;
-                row_l[slot] = l;
-            }
-            const int64_t delta = n == 2 ? corner[1] - corner[0] : -1;
-            if (delta == 1)
-                fixed_pv2<Cfg, 0, 1>(vu + corner[0] * F::HD, pr, pr + F::NSEG * V, out + row[0] * F::HD,
-                                     out + row[1] * F::HD, inv[0], inv[1]);
-            else if (delta == 0)
-                fixed_pv2<Cfg, 0, 0>(vu + corner[0] * F::HD, pr, pr + F::NSEG * V, out + row[0] * F::HD,
-                                     out + row[1] * F::HD, inv[0], inv[1]);
-            else
-                for (int k = 0; k < n; ++k)
-                    fixed_pv<Cfg, 0>(vu + corner[k] * F::HD, pr + k * F::NSEG * V, out + row[k] * F::HD, inv[k]);
+    const int64_t step2 = a.dilation[2] * a.heads;
+    // queries in 2 x 2 blocks (two rows of axis 1, two neighbours on the last axis): scores of the two queries
+    // stacked on axis 1 together (fixed_softmax2), P.V of the two side by side on the last axis together
+    for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
+    for (int64_t l1 = lo[1]; l1 < hi[1]; l1 += 2) {
+        const int nr = l1 + 1 < hi[1] ? 2 : 1;
+        const int64_t x0 = l0 * a.dilation[0] + t.ax[0]->group;
+        int64_t corner01[2], row01[2];
+        for (int i = 0; i < nr; ++i) {
+            const int64_t x1 = (l1 + i) * a.dilation[1] + t.ax[1]->group;
+            corner01[i] = ((t.ax[0]->start[l0] - g.lo[0]) * F::ROWS1 + t.ax[1]->start[l1 + i] - g.lo[1]) * F::ROWLEN -
+                          g.lo[2];
+            row01[i] = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + t.ax[2]->group) * a.heads + t.h;
         }
-        // log-sum-exp of the row's queries, V at a time: ln2 * (m2 + log2(l))
-        if (lse)
-            for (int64_t i = 0; i < hi[2] - lo[2]; i += V) {
-                const Vec y = (load<T>(row_m2 + i) + log2_vec(load<T>(row_l + i))) * T(0.6931471805599453);
-                for (int j = 0; j < V && i + j < hi[2] - lo[2]; ++j)
-                    lse[row01 + (lo[2] + i + j) * a.dilation[2] * a.heads] = y[j];
+        const int64_t dv = nr == 2 ? (corner01[1] - corner01[0]) / F::ROWLEN : -1;
+        for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += 2) {
+            const int n = l2 + 1 < hi[2] ? 2 : 1;
+            int64_t row[2][2], corner[2][2];
+            T inv[2][2];
+            for (int k = 0; k < n; ++k) {
+                const int64_t slot = l2 + k - lo[2];
+                for (int i = 0; i < nr; ++i) {
+                    row[i][k] = row01[i] + (l2 + k) * step2;
+                    corner[i][k] = corner01[i] + t.ax[2]->start[l2 + k];
+                }
+                T m2[2], l[2];
+                if (dv == 1)
+                    fixed_softmax2<Cfg, 1>(kt + corner[0][k], q + row[0][k] * F::HD, q + row[1][k] * F::HD, scale2, sc,
+                                           pr + k * NS, pr + (2 + k) * NS, m2, l);
+                else if (dv == 0)
+                    fixed_softmax2<Cfg, 0>(kt + corner[0][k], q + row[0][k] * F::HD, q + row[1][k] * F::HD, scale2, sc,
+                                           pr + k * NS, pr + (2 + k) * NS, m2, l);
+                else
+                    for (int i = 0; i < nr; ++i)
+                        fixed_softmax<Cfg>(kt + corner[i][k], q + row[i][k] * F::HD, scale2, sc, pr + (2 * i + k) * NS,
+                                           m2[i], l[i]);
+                for (int i = 0; i < nr; ++i) {
+                    inv[i][k] = T(1) / l[i];
+                    row_m2[i][slot] = m2[i];
+                    row_l[i][slot] = l[i];
+                }
             }
+            for (int i = 0; i < nr; ++i) {
+                const T* pa = pr + 2 * i * NS;
+                const int64_t delta = n == 2 ? corner[i][1] - corner[i][0] : -1;
+                if (delta == 1)
+                    fixed_pv2<Cfg, 0, 1>(vu + corner[i][0] * F::HD, pa, pa + NS, out + row[i][0] * F::HD,
+                                         out + row[i][1] * F::HD, inv[i][0], inv[i][1]);
+                else if (delta == 0)
+                    fixed_pv2<Cfg, 0, 0>(vu + corner[i][0] * F::HD, pa, pa + NS, out + row[i][0] * F::HD,
+                                         out + row[i][1] * F::HD, inv[i][0], inv[i][1]);
+                else
+                    for (int k = 0; k < n; ++k)
+                        fixed_pv<Cfg, 0>(vu + corner[i][k] * F::HD, pa + k * NS, out + row[i][k] * F::HD, inv[i][k]);
+            }
+        }
+        // log-sum-exp of the rows' queries, V at a time: ln2 * (m2 + log2(l))
+        if (lse)
+            for (int i = 0; i < nr; ++i)
+                for (int64_t c = 0; c < hi[2] - lo[2]; c += V) {
+                    const Vec y = (load<T>(row_m2[i] + c) + log2_vec(load<T>(row_l[i] + c))) * T(0.6931471805599453);
+                    for (int j = 0; j < V && c + j < hi[2] - lo[2]; ++j)
+                        lse[row01[i] + (lo[2] + c + j) * step2] = y[j];
+                }
     }
 }
 
 template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     if constexpr (FixedFwd<Cfg>::enabled) {
-        if (p.fixed) {
+        if (p.fixed && NATGEN_FIXED_ISA()) {
             fixed_tile<Cfg>(p, t, s);
             return;
         }
@@ -1513,15 +1614,7 @@ NATGEN_INLINE void fixed_skew(const typename F::T* w, const typename F::T* x, co
         }
 }
 
-// One lane group through the fixed-shape kernels. Built once, for AVX2+FMA (not per clone of the unit
-// function: the three clones of these kernels took 6 s of compile time), and called where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NATGEN_NO_CLONES)
-#define NATGEN_FIXED_TARGET __attribute__((noinline, target("arch=x86-64-v3")))
-NATGEN_INLINE bool fixed_isa() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-#else
-#define NATGEN_FIXED_TARGET __attribute__((noinline))
-NATGEN_INLINE bool fixed_isa() { return true; }
-#endif
+// One lane group through the fixed-shape kernels (NATGEN_FIXED_TARGET: built once, for AVX2+FMA).
 
 template <class Cfg, int NC>
 NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg::T>& lg, Scratch<typename Cfg::T>& s) {
@@ -1659,7 +1752,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         if constexpr (Fixed<Cfg>::on) {
             typedef Fixed<Cfg> F;
             typedef Fixed<Cfg, F::NC_BORDER> FB;
-            if (lg.rows == F::K0 * F::K1 && p.n_extra == 0 && p.hd == Cfg::HD && p.hdv == Cfg::HD && fixed_isa()) {
+            if (lg.rows == F::K0 * F::K1 && p.n_extra == 0 && p.hd == Cfg::HD && p.hdv == Cfg::HD && NATGEN_FIXED_ISA()) {
                 if (lg.uniform && lg.lanes == V && lg.cols == F::NC && g.rs == F::RS) {
                     fixed_group<Cfg, F::NC>(p, lg, s);
                     continue;
