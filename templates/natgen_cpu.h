@@ -15,8 +15,11 @@
 //   keys, P.V broadcast probabilities against row-major value rows. A query computes exactly its own keys,
 //   which matters near borders, where windows are clamped. Specialized instances (constant K and head_dim,
 //   no causal axis) gather the union at fixed strides instead (FixedFwd, fixed_tile), so every key and
-//   value offset from a query's window corner is a compile-time constant, take the softmax in base 2,
-//   and compute P.V for two neighbouring queries at once (their windows share all but one value row).
+//   value offset from a query's window corner is a compile-time constant, take the softmax in base 2, and
+//   work on 2 x 2 query blocks: the scores of the two queries stacked on axis 1 together (each key vector
+//   loaded once for both), P.V of the two side by side on the last axis together (each value row loaded
+//   once for both). In 2-D their tiles grow up to 4x taller on axis 1 where the problem has units enough for
+//   the threads. This path is built once, for AVX2+FMA (NATGEN_FIXED_TARGET), not per clone.
 // - Backward: vectorized over queries. One vector holds V neighbouring queries along the last axis
 //   ("lanes"), whose windows are one box shifted by a key per lane, so the key of lane j at window (row,
 //   column) is column + j of a union row: one contiguous vector load per (row, column, channel) from keys and
@@ -135,7 +138,10 @@ template <class Cfg> struct FixedFwd {
     static constexpr int HD = enabled ? Cfg::HD : V;
     static constexpr int CH = (K2 + V - 1) / V;        // key vectors per window row
     static constexpr int LAST = K2 - (CH - 1) * V;     // real keys in a row's last vector
-    static constexpr int ROWS0 = Cfg::TILE[0] + K0 - 1, ROWS1 = Cfg::TILE[1] + K1 - 1;
+    // 2-D instances (one tile row on axis 0) may run tiles of up to GROW x TILE[1] rows on axis 1 (make_plan
+    // picks the factor): a taller tile gathers fewer keys per query (cpu-2d: 0.317 -> 0.299 ms, 8 -> 32 rows).
+    static constexpr int GROW = Cfg::TILE[0] == 1 && Cfg::TILE[1] > 1 ? 4 : 1;
+    static constexpr int ROWS0 = Cfg::TILE[0] + K0 - 1, ROWS1 = Cfg::TILE[1] * GROW + K1 - 1;
     static constexpr int ROWLEN = (Cfg::TILE[2] + CH * V - 1 + V - 1) / V * V;
     static constexpr int PLANE = ROWS1 * ROWLEN;
     static constexpr int KEYS = ROWS0 * PLANE;         // key slots of a tile: the channel stride of kt
@@ -167,7 +173,17 @@ struct Plan {
     int64_t fixed_keys;        // its key slots per tile (0 when it does not)
 };
 
-template <class Cfg> Plan make_plan(const Args& a) {
+// Tiles of `tile` queries over the dilation groups of axis d.
+inline int64_t tiles_on_axis(const Args& a, int d, int64_t tile) {
+    int64_t n = 0;
+    for (int64_t g = 0; g < std::min(a.dilation[d], a.length[d]); ++g) {
+        const int64_t length = a.length[d] / a.dilation[d] + (g < a.length[d] % a.dilation[d] ? 1 : 0);
+        n += (length + tile - 1) / tile;
+    }
+    return n;
+}
+
+template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
     Plan p;
@@ -176,9 +192,18 @@ template <class Cfg> Plan make_plan(const Args& a) {
     p.hd = a.head_dim;
     p.hdv = a.head_dim_v;
     p.n_extra = a.n_extra;
+    for (int d = 0; d < 3; ++d) p.tile[d] = std::min<int64_t>(Cfg::TILE[d], a.length[d]);
+    if (forward && FixedFwd<Cfg>::enabled) {
+        // the tallest tile (FixedFwd::GROW) that still leaves the threads 4 units each
+        const int64_t others = a.batch * a.heads * tiles_on_axis(a, 0, p.tile[0]) * tiles_on_axis(a, 2, p.tile[2]);
+        for (int64_t grow = FixedFwd<Cfg>::GROW; grow > 1; grow /= 2)
+            if (others * tiles_on_axis(a, 1, Cfg::TILE[1] * grow) >= 4 * a.threads) {
+                p.tile[1] = std::min<int64_t>(Cfg::TILE[1] * grow, a.length[1]);
+                break;
+            }
+    }
     for (int d = 0; d < 3; ++d) {
         p.K[d] = Cfg::K[d] ? Cfg::K[d] : a.kernel[d];
-        p.tile[d] = std::min<int64_t>(Cfg::TILE[d], a.length[d]);
         p.max_union[d] = 1;
         p.fwd_union[d] = 1;
         for (int64_t g = 0; g < std::min(a.dilation[d], a.length[d]); ++g) {
@@ -232,9 +257,13 @@ template <typename T> struct FwdScratch {
     std::vector<int> bases, valid;  // per segment: its first key, its real keys (lanes [0, valid))
     std::vector<T> zeros;
     std::vector<const T*> rows;
+    int64_t sized_for[5] = {-1, -1, -1, -1, -1};  // the capacities below were last sized for
     void reserve(const Plan& p) {
         constexpr int V = VecTraits<T>::width;
         const int64_t n = p.fwd_capacity;
+        const int64_t facts[5] = {n, p.hd, p.hdv_padded, p.fixed_keys, p.max_segments};
+        if (std::equal(facts, facts + 5, sized_for)) return;  // the same shapes as the last call on this thread
+        std::copy(facts, facts + 5, sized_for);
         kt.assign(std::max(p.hd * n, p.hd * p.fixed_keys) + 64 / sizeof(T), T(0));  // + room to align
         vu.assign(std::max(p.hdv_padded * n, p.hdv * p.fixed_keys) + 64 / sizeof(T), T(0));
         acc.assign(p.hdv_padded + V, T(0));
@@ -1263,10 +1292,10 @@ NATGEN_INLINE void fixed_dot_rows2(const typename Cfg::T* __restrict kb, const t
 }
 
 // Softmax of one query's scores: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2;
-// returns m2 and the sum l.
+// returns m2 and the sum l. The scaled scores stay in registers (the exponent's argument is one FMA).
 template <class Cfg>
-NATGEN_INLINE void fixed_probs(typename Cfg::T* __restrict sc, typename Cfg::T scale2, typename Cfg::T* __restrict pr,
-                               typename Cfg::T& m2, typename Cfg::T& l) {
+NATGEN_INLINE void fixed_probs(const typename Cfg::T* __restrict sc, typename Cfg::T scale2,
+                               typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
@@ -1279,15 +1308,16 @@ NATGEN_INLINE void fixed_probs(typename Cfg::T* __restrict sc, typename Cfg::T s
         for (int c = 0; c < F::CH; ++c) {
             Vec y = load<T>(sc + (r * F::CH + c) * V) * scale2;
             if (c == F::CH - 1 && F::LAST < V) y = last ? y : Vec{} + lowest;
-            store<T>(sc + (r * F::CH + c) * V, y);
             vmax = y > vmax ? y : vmax;
         }
     m2 = hmax(vmax);
+    const T minus_m2 = -m2;
     Vec vsum = Vec{};
     for (int r = 0; r < F::ROWS; ++r)
 #pragma GCC unroll 16
         for (int c = 0; c < F::CH; ++c) {
-            const Vec e = exp2_vec(load<T>(sc + (r * F::CH + c) * V) - m2);
+            Vec e = exp2_vec(load<T>(sc + (r * F::CH + c) * V) * scale2 + minus_m2);
+            if (c == F::CH - 1 && F::LAST < V) e = last ? e : Vec{};
             store<T>(pr + (r * F::CH + c) * V, e);
             vsum += e;
         }
@@ -1936,20 +1966,21 @@ template <class Body> void parallel_units(int64_t threads, int64_t units, Body b
 
 template <class Cfg> void run_forward(const Args& a, UnitFn<typename Cfg::T> fn) {
     typedef typename Cfg::T T;
-    const Plan p = make_plan<Cfg>(a);
+    const Plan p = make_plan<Cfg>(a, true);
     const int64_t units = a.batch * a.heads * items_count(p);
     const int64_t workers = std::max<int64_t>(1, std::min(a.threads, units));
-    std::vector<Scratch<T>> scratch(workers);
-    std::vector<char> ready(workers, 0);
-    parallel_units(workers, units, [&](int64_t worker, int64_t unit) {
-        if (!ready[worker]) { scratch[worker].reserve(p, false); ready[worker] = 1; }
-        fn(p, unit, scratch[worker]);
+    parallel_units(workers, units, [&](int64_t, int64_t unit) {
+        // per pool thread, kept between calls: sizing (and zeroing) it on every call cost ~10 us a call on
+        // 2 threads. A buffer's stale contents are what an earlier tile of the same call would have left.
+        static thread_local Scratch<T> scratch;
+        scratch.reserve(p, false);
+        fn(p, unit, scratch);
     });
 }
 
 template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn) {
     typedef typename Cfg::T T;
-    const Plan p = make_plan<Cfg>(a);
+    const Plan p = make_plan<Cfg>(a, false);
     const int64_t groups = int64_t(p.axes[0].size()) * p.axes[1].size() * p.axes[2].size();
     const int64_t units = a.batch * a.heads * groups;
     const int64_t extra_row = p.hd + p.hdv;

@@ -95,7 +95,12 @@ SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0
                      Case(2, (20, 17), (7, 7), (2, 1), (1, 1), (False, False), 0, "f32", 64, 64),
                      Case(3, (9, 10, 11), (3, 3, 3), (1, 2, 1), (1, 1, 2), (False, False, False), 0, "f32", 32, 32,
                           batch=2),
-                     Case(1, (100,), (7,), (1,), (3,), (False,), 0, "bf16", 32, 32)]
+                     Case(1, (100,), (7,), (1,), (3,), (False,), 0, "bf16", 32, 32),
+                     # enough units for the taller forward tiles of 2-D (up to 32 rows): a full and a partial
+                     # tile of an odd row count, query pairs whose windows are clamped onto each other, and
+                     # dilation groups of unequal length
+                     Case(2, (45, 20), (7, 7), (1, 1), (1, 1), (False, False), 0, "f32", 32, 32, heads=4),
+                     Case(2, (51, 16), (5, 5), (1, 1), (2, 1), (False, False), 0, "f32", 32, 32, heads=4)]
 # what the random sweep does not reach: windows longer than one vector along the last axis (several
 # segments per row, causal there too), head_dim_v over 64 (P.V in several register blocks), batch > 1,
 # and a mixed rank-3 causal mask (on demand); then several full 8-query lane groups per tile on the last axis
@@ -288,3 +293,47 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     assert path.stat().st_size > 1000
     import ctypes
     assert ctypes.CDLL(str(path)).natgen_cache_probe() == 42
+
+
+def test_repeated_calls_take_the_resolved_path_and_agree_with_the_full_path():
+    """A call's resolution is cached by its shapes and arguments; what the cached path cannot take as it is
+    (non-contiguous inputs, grads, half inputs, other thread counts) still gets the same numbers."""
+    case = SPECIALIZED_CASES[0]
+    q, k, v, _, _ = _tensors(case)
+    first = natgen.na2d(q, k, v, 7)
+    assert natgen.na2d(q, k, v, 7).equal(first)
+    wide = torch.zeros(*q.shape[:-1], 2 * q.shape[-1])
+    wide[..., ::2] = q
+    strided = wide[..., ::2]
+    assert not strided.is_contiguous()
+    assert natgen.na2d(strided, k, v, 7).equal(first)
+    out, lse = natgen.na2d(q, k, v, 7, return_lse=True)
+    assert out.equal(first) and lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    assert_close_by_rule(out, q, k, v, lse=lse, **_params(case))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert natgen.na2d(q, k, v, 7).equal(first)
+    finally:
+        torch.set_num_threads(threads)
+    leaf = q.clone().requires_grad_()
+    out = natgen.na2d(leaf, k, v, 7)
+    assert out.grad_fn is not None and out.detach().equal(first)
+    out.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    half = natgen.na2d(q.half(), k.half(), v.half(), 7)
+    assert half.dtype == torch.float16
+    assert_close_by_rule(half, q.half(), k.half(), v.half(), **_params(case))
+
+
+def test_cached_calls_keep_argument_types_apart():
+    """is_causal=False resolves; is_causal=0 (an int, equal and hash-equal to False) must still be refused."""
+    q, k, v, _, _ = _tensors(SPECIALIZED_CASES[0])
+    natgen.na2d(q, k, v, 7, is_causal=False)
+    natgen.na2d(q, k, v, (7, 7), is_causal=(False, False))
+    with pytest.raises(TypeError, match=r"is_causal\[0\]=0"):
+        natgen.na2d(q, k, v, 7, is_causal=0)
+    with pytest.raises(TypeError, match=r"is_causal\[1\]=0"):
+        natgen.na2d(q, k, v, (7, 7), is_causal=(False, 0))
+    with pytest.raises(TypeError, match=r"kernel_size\[0\]=7.0"):
+        natgen.na2d(q, k, v, 7.0)
