@@ -147,10 +147,14 @@ def _reference_grads(problem, tensors, grad_out, grad_lse):
 
 class _NeighborhoodAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, problem, backend_name, arch, q, k, v, extra_k, extra_v):
-        backend = BACKENDS[backend_name]
-        out, lse, _ = backend.forward(problem, q, k, v, extra_k, extra_v, arch)
+    def forward(ctx, problem, backend_name, arch, runner, q, k, v, extra_k, extra_v):
+        result = runner(q, k, v) if runner is not None and extra_k is None else None
+        if result is not None:
+            out, lse = result
+        else:
+            out, lse, _ = BACKENDS[backend_name].forward(problem, q, k, v, extra_k, extra_v, arch)
         ctx.problem, ctx.backend_name = problem, backend_name
+        ctx.set_materialize_grads(False)  # an unused lse arrives as None, not as a tensor of zeros
         ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
         return out, lse
 
@@ -165,7 +169,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
         else:
             # backends without generated backward kernels recompute through the O(N*K) reference
             grads = _reference_grads(ctx.problem, (q, k, v, extra_k, extra_v), grad_out, grad_lse)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _contiguous(tensor):
@@ -282,7 +286,7 @@ def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_
     tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if needs_grad:
-        out, lse = _NeighborhoodAttention.apply(problem, name, arch, *tensors)
+        out, lse = _NeighborhoodAttention.apply(problem, name, arch, runner, *tensors)
     else:
         out, lse, _ = BACKENDS[name].forward(problem, *tensors, arch)
     return (out, lse) if return_lse else out

@@ -202,6 +202,11 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
                 break;
             }
     }
+    // 2-D backward: tiles 4x taller on axis 1 (its unit is a whole dilation group, so a taller tile costs no
+    // parallelism): fewer gathers and key-grad flushes a query (cpu-2d 0.99 -> 0.94 ms, 14x14 x 16 heads
+    // x batch 4 4.98 -> 4.50 ms)
+    if (!forward && Cfg::TILE[0] == 1 && Cfg::TILE[1] > 1)
+        p.tile[1] = std::min<int64_t>(Cfg::TILE[1] * 4, a.length[1]);
     for (int d = 0; d < 3; ++d) {
         p.K[d] = Cfg::K[d] ? Cfg::K[d] : a.kernel[d];
         p.max_union[d] = 1;
