@@ -233,17 +233,18 @@ def _problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, add
 _CALLS: dict = {}
 
 
+def _kinds(value):
+    kind = type(value)
+    return (kind, *map(type, value)) if kind is tuple or kind is list else kind
+
+
 def _fast_key(rank, q, k, v, arguments):
     """Every fact the full path reads from a call without extra tokens, or None (the full path then runs):
     plain tensors only, and each argument with its type (True and 1 stay apart, as do 7 and 7.0)."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return None
-    key = [rank, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device]
-    for value in arguments:
-        kind = type(value)
-        key.append(kind)
-        key.append(tuple((type(x), x) for x in value) if kind is tuple or kind is list else value)
-    key = tuple(key)
+    key = (rank, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+           *arguments, *map(_kinds, arguments))
     try:
         hash(key)
     except TypeError:
