@@ -337,3 +337,24 @@ def test_cached_calls_keep_argument_types_apart():
         natgen.na2d(q, k, v, (7, 7), is_causal=(False, 0))
     with pytest.raises(TypeError, match=r"kernel_size\[0\]=7.0"):
         natgen.na2d(q, k, v, 7.0)
+
+
+def test_concurrent_calls_from_two_threads_match_sequential_ones():
+    """Argument blocks and kernel scratch are per thread: two Python threads calling the same ops at once (the
+    kernels release the GIL) get what sequential calls get, forward and backward."""
+    case = SPECIALIZED_CASES[0]
+    inputs = [_tensors(case, seed=seed)[:3] for seed in range(4)]
+    cotangent = torch.randn_like(inputs[0][0])
+
+    def work(tensors):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        out = natgen.na2d(*leaves, 7)
+        out.backward(cotangent)
+        return [natgen.na2d(*tensors, 7), out.detach()] + [t.grad for t in leaves]
+
+    expected = [work(t) for t in inputs]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(work, inputs), expected):
+                for a, b in zip(got, want):
+                    assert a.equal(b)
