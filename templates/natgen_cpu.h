@@ -38,6 +38,7 @@
 #include <limits>
 #include <new>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <omp.h>
 #include <vector>
@@ -1649,6 +1650,14 @@ NATGEN_INLINE void fixed_skew(const typename F::T* w, const typename F::T* x, co
         }
 }
 
+// The backward's per-query tensors: q, dO, lse, out, the lse grad (may be null) and dQ.
+template <typename T> NATGEN_INLINE std::tuple<const T*, const T*, const T*, const T*, const T*, T*> query_side(
+    const Args& a) {
+    return {reinterpret_cast<const T*>(a.q), reinterpret_cast<const T*>(a.grad_out),
+            reinterpret_cast<const T*>(a.lse), reinterpret_cast<const T*>(a.out),
+            reinterpret_cast<const T*>(a.grad_lse), reinterpret_cast<T*>(a.grad_q)};
+}
+
 // One lane group through the fixed-shape kernels (NATGEN_FIXED_TARGET: built once, for AVX2+FMA).
 
 template <class Cfg, int NC>
@@ -1659,12 +1668,7 @@ NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg
     constexpr int V = VecTraits<T>::width;
     constexpr int HD = F::HD;
     const Args& a = *p.a;
-    const T* q = reinterpret_cast<const T*>(a.q);
-    const T* dout = reinterpret_cast<const T*>(a.grad_out);
-    const T* lse = reinterpret_cast<const T*>(a.lse);
-    const T* out = reinterpret_cast<const T*>(a.out);
-    const T* grad_lse = reinterpret_cast<const T*>(a.grad_lse);
-    T* dq = reinterpret_cast<T*>(a.grad_q);
+    const auto [q, dout, lse, out, grad_lse, dq] = query_side<T>(a);
     const T scale = static_cast<T>(a.scale);
     // q and dO rows side by side (the key grads' operands), then as lanes
     T* xq = s.xr.data();
@@ -1760,12 +1764,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
     typedef typename VecTraits<T>::type Vec;
     constexpr int V = VecTraits<T>::width;
     const Args& a = *p.a;
-    const T* q = reinterpret_cast<const T*>(a.q);
-    const T* dout = reinterpret_cast<const T*>(a.grad_out);
-    const T* lse = reinterpret_cast<const T*>(a.lse);
-    const T* out = reinterpret_cast<const T*>(a.out);
-    const T* grad_lse = reinterpret_cast<const T*>(a.grad_lse);
-    T* dq = reinterpret_cast<T*>(a.grad_q);
+    const auto [q, dout, lse, out, grad_lse, dq] = query_side<T>(a);
     T* dk = reinterpret_cast<T*>(a.grad_k);
     T* dv = reinterpret_cast<T*>(a.grad_v);
     const TileGeometry g = tile_geometry<Cfg>(p, t);
