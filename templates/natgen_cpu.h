@@ -1532,14 +1532,6 @@ template <class Cfg, int NC_ = Cfg::K[2]> struct Fixed {
     static constexpr int KB = DV == 2 ? 4 : 8;            // keys per key-grad block
 };
 
-// x in every lane (element-wise, so the compiler emits one broadcast load; Vec{} + x keeps an add, since
-// -0 + 0 is +0)
-template <typename T> NATGEN_INLINE typename VecTraits<T>::type splat(T x) {
-    typename VecTraits<T>::type v;
-    for (int i = 0; i < VecTraits<T>::width; ++i) v[i] = x;
-    return v;
-}
-
 // out[(r * NC + c) * V] = sum_d x[d * V] * b[r * BS + d * RS + c + lane] for NR window rows.
 template <class F, int NR>
 NATGEN_INLINE void fixed_dot_block(const typename F::T* __restrict x, const typename F::T* __restrict b,
@@ -1619,7 +1611,7 @@ NATGEN_INLINE void fixed_skew_block(const typename F::T* __restrict w, const typ
         for (int t = 0; t < KB; ++t) {
             const int c = T0 + t - j;
             if (c < 0 || c >= F::NC) continue;
-            const Vec wb = splat<T>(w[c * V + j]);
+            const T wb = w[c * V + j];  // a scalar times a vector: one broadcast load
             for (int v = 0; v < DV; ++v) acc[t][v] += wb * xv[v];
         }
     }
