@@ -26,7 +26,8 @@ from .problem import Problem
 
 log = logging.getLogger("natgen.cpu")
 
-# Same order as natgen::Args in templates/natgen_cpu.h (every field 8 bytes).
+# Same order as natgen::Args in templates/natgen_cpu.h (every field 8 bytes). runner() and backward()'s direct
+# float32 call write the 14 pointer fields by position.
 ARG_FIELDS = (
     "q", "k", "v", "out", "lse", "extra_k", "extra_v",
     "grad_out", "grad_lse", "grad_q", "grad_k", "grad_v", "grad_extra_k", "grad_extra_v",

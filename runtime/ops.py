@@ -148,7 +148,7 @@ def _reference_grads(problem, tensors, grad_out, grad_lse):
 class _NeighborhoodAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem, backend_name, arch, runner, q, k, v, extra_k, extra_v):
-        result = runner(q, k, v) if runner is not None and extra_k is None else None
+        result = runner(q, k, v) if runner is not None else None
         if result is not None:
             out, lse = result
         else:
@@ -182,55 +182,11 @@ def _check_arch(arch):
         arch_number(arch)  # raises ValueError naming the argument and the expected form
 
 
-# Validated problems by call signature: a model calls an op with the same shapes and arguments over and over,
-# and validation is ~10 us of a CPU call that may take 0.3 ms. The signature holds every fact make_problem reads
-# (tensor type, shape, dtype, device; each argument with its type, so True and 1 stay apart).
-_PROBLEMS: dict = {}
-_PROBLEMS_MAX = 512
-
-
-def _argument_key(value):
-    if isinstance(value, (tuple, list)):
-        return (type(value), tuple((type(x), x) for x in value))
-    return (type(value), value)
-
-
-def _call_signature(rank, tensors, arguments):
-    parts = [_argument_key(rank)]
-    for tensor in tensors:
-        if tensor is None:
-            parts.append(None)
-        elif type(tensor) is not torch.Tensor:
-            return None  # subclasses and non-tensors take the full path (and its errors)
-        else:
-            parts.append((tensor.shape, tensor.dtype, tensor.device))
-    parts.extend(_argument_key(value) for value in arguments)
-    key = tuple(parts)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
-
-
-def _problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values):
-    key = _call_signature(rank, (q, k, v, additional_keys, additional_values),
-                          (kernel_size, stride, dilation, is_causal, scale))
-    problem = _PROBLEMS.get(key) if key is not None else None
-    if problem is None:
-        problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                               additional_keys, additional_values)
-        if key is not None:
-            if len(_PROBLEMS) >= _PROBLEMS_MAX:
-                _PROBLEMS.clear()
-            _PROBLEMS[key] = problem
-    return problem
-
-
-# Resolved calls: the call's facts (see _fast_key) -> (problem, backend name, runner or None). A model calls an
-# op with the same shapes and arguments over and over; on a 0.3 ms CPU call the full path (validation, backend
-# choice, output allocation through the generic forward) cost ~25 us.
+# Resolved calls: every fact the full path reads from a call (see _call_key) -> (problem, backend name, runner or
+# None). A model calls an op with the same shapes and arguments over and over; on a 0.3 ms CPU call the full
+# path (validation, backend choice, output allocation through the generic forward) cost ~25 us.
 _CALLS: dict = {}
+_CALLS_MAX = 512
 
 
 def _kinds(value):
@@ -238,13 +194,23 @@ def _kinds(value):
     return (kind, *map(type, value)) if kind is tuple or kind is list else kind
 
 
-def _fast_key(rank, q, k, v, arguments):
-    """Every fact the full path reads from a call without extra tokens, or None (the full path then runs):
-    plain tensors only, and each argument with its type (True and 1 stay apart, as do 7 and 7.0)."""
-    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-        return None
-    key = (rank, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-           *arguments, *map(_kinds, arguments))
+def _frozen(value):
+    return tuple(value) if type(value) is list else value
+
+
+def _call_key(rank, tensors, arguments):
+    """The call's facts, or None (the full path then runs, with its errors): each tensor's shape, dtype and
+    device (plain tensors only; None for absent extra tokens), and each argument with its type (True and 1
+    stay apart, as do 7 and 7.0)."""
+    facts = [rank]
+    for tensor in tensors:
+        if tensor is None:
+            facts.append(None)
+        elif type(tensor) is not torch.Tensor:
+            return None
+        else:
+            facts += (tensor.shape, tensor.dtype, tensor.device)
+    key = (*facts, *map(_frozen, arguments), *map(_kinds, arguments))
     try:
         hash(key)
     except TypeError:
@@ -255,8 +221,8 @@ def _fast_key(rank, q, k, v, arguments):
 def _resolve_call(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
                   additional_values, backend, arch):
     _check_arch(arch)
-    problem = _problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                       additional_keys, additional_values)
+    problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
+                           additional_keys, additional_values)
     name = resolve_backend(problem, backend)
     factory = BACKENDS[name].runner if name != "reference" else None
     return problem, name, factory(problem) if factory is not None else None
@@ -265,15 +231,14 @@ def _resolve_call(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale
 def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                            additional_keys=None, additional_values=None, return_lse=False, backend=None,
                            arch=None):
-    key = None
-    if additional_keys is None and additional_values is None:
-        key = _fast_key(rank, q, k, v, (kernel_size, stride, dilation, is_causal, scale, backend, arch))
+    key = _call_key(rank, (q, k, v, additional_keys, additional_values),
+                    (kernel_size, stride, dilation, is_causal, scale, backend, arch))
     entry = _CALLS.get(key) if key is not None else None
     if entry is None:
         entry = _resolve_call(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
                               additional_values, backend, arch)
         if key is not None:
-            if len(_CALLS) >= _PROBLEMS_MAX:
+            if len(_CALLS) >= _CALLS_MAX:
                 _CALLS.clear()
             _CALLS[key] = entry
     problem, name, runner = entry
