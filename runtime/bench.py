@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .window import sees_1d
+
 PEERS = ("natgen", "reference", "flex", "natten", "sdpa")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -159,28 +161,12 @@ def neighborhood_mask_mod(spatial, kernel_size, stride=1, dilation=1, is_causal=
     dims = list(zip(spatial, per_dim(kernel_size), per_dim(stride), per_dim(dilation), per_dim(is_causal)))
     row_strides = [math.prod(spatial[a + 1:]) for a in range(rank)]
 
-    def axis_sees(i, j, L, K, S, D, C):
-        group, local = i % D, i // D
-        group_length = L // D + (group < L % D).to(i.dtype)
-        left, right = K // 2, K // 2 + (K % 2) - 1
-        if not C:
-            centre = torch.minimum((local // S) * S + S // 2, group_length - 1)
-            start = torch.clamp(centre - left, min=0)
-            start = start + torch.where(centre + right >= group_length, group_length - right - centre - 1, 0)
-            end = start + K
-        else:
-            centre = torch.minimum((local // S) * S + S - 1, group_length - 1)
-            start = torch.clamp(centre - left - right, min=0)
-            end = torch.minimum(local + 1, group_length)
-        key_local = j // D
-        return (j % D == group) & (key_local >= start) & (key_local < end)
-
     def mask_mod(b, h, q_idx, kv_idx):
         sees = None
         for axis, (L, K, S, D, C) in enumerate(dims):
             i = (q_idx // row_strides[axis]) % L
             j = (kv_idx // row_strides[axis]) % L
-            axis_mask = axis_sees(i, j, L, K, S, D, bool(C))
+            axis_mask = sees_1d(i, j, L, K, S, D, bool(C))
             sees = axis_mask if sees is None else sees & axis_mask
         return sees
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .window import window_1d  # noqa: F401  (re-exported: natgen.problem.window_1d)
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Names of the spatial axes, only used to make layout errors readable.
@@ -59,31 +61,6 @@ class Problem:
     @property
     def window(self) -> int:
         return math.prod(self.kernel_size)
-
-
-def window_1d(i: int, L: int, K: int, S: int, D: int, C: bool) -> tuple[int, int, int]:
-    """The keys query `i` sees along one axis, as (group, start, end) in group-local coordinates.
-
-    Key `j` is seen iff `j % D == group` and `start <= j // D < end`. This is SEMANTICS.md's 1-D
-    rule verbatim; the inward shift at the far border is what keeps every non-causal window at
-    exactly K keys.
-    """
-    group = i % D
-    local = i // D
-    group_length = L // D + (1 if group < L % D else 0)
-    left = K // 2
-    right = K // 2 + (K % 2) - 1
-    if not C:
-        centre = min((local // S) * S + S // 2, group_length - 1)
-        start = max(centre - left, 0)
-        if centre + right >= group_length:
-            start += group_length - right - centre - 1
-        end = start + K
-    else:
-        centre = min((local // S) * S + S - 1, group_length - 1)
-        start = max(centre - left - right, 0)
-        end = min(local + 1, group_length)
-    return group, start, end
 
 
 def _layout(rank: int) -> str:

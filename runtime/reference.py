@@ -17,6 +17,7 @@ import torch
 import torch.utils.checkpoint
 
 from .problem import Problem
+from .window import window_1d_tensor
 
 # Elements of gathered keys + values per chunk (16 MB in float32): the peak memory of a forward pass is
 # a few times this, while chunks stay large enough that per-chunk Python overhead does not matter.
@@ -27,24 +28,10 @@ _GATHERED_ELEMENTS_PER_CHUNK = 1 << 22
 def _axis_table(L: int, K: int, S: int, D: int, C: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys (global coordinates along the axis) [L, K] and their validity [L, K] for one axis.
 
-    The same arithmetic as `problem.window_1d`, applied to every position at once.
+    `window.window_1d_tensor` applied to every position at once.
     """
     position = torch.arange(L)
-    group = position % D
-    local = position // D
-    group_length = L // D + (group < L % D).long()
-    left = K // 2
-    right = K // 2 + (K % 2) - 1
-    if not C:
-        centre = torch.minimum((local // S) * S + S // 2, group_length - 1)
-        start = (centre - left).clamp(min=0)
-        start = start + torch.where(centre + right >= group_length,
-                                    group_length - right - centre - 1, 0)
-        end = start + K
-    else:
-        centre = torch.minimum((local // S) * S + S - 1, group_length - 1)
-        start = (centre - left - right).clamp(min=0)
-        end = torch.minimum(local + 1, group_length)
+    group, start, end = window_1d_tensor(position, L, K, S, D, C)
     local_key = start[:, None] + torch.arange(K)[None, :]
     valid = local_key < end[:, None]
     # Padded slots point at the window's first key so gathers stay in bounds; `valid` masks them.
