@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
+from .. import cxx, paths
 from . import library, nvcc
 from .families import REGISTRY
 from .space import matches
@@ -21,18 +22,33 @@ def _echo(message: str) -> None:
 
 def build(filters: Optional[Sequence[str]] = None, archs: Sequence[str] = nvcc.DEFAULT_ARCHS,
           jobs: Optional[int] = None, render_only: bool = False, generated_dir: Path = library.GENERATED_DIR,
-          echo: Callable[[str], None] = _echo, progress: bool = True) -> dict:
+          echo: Callable[[str], None] = _echo, progress: bool = True, specs: Sequence[str] = ()) -> dict:
     """Render the default library, then compile the instances matching `filters` for each arch.
 
+    `specs` (instance names, e.g. outside the default policy) are rendered into the cache's extra library
+    instead, and compiled. In an installed package the shipped library is never re-rendered: its instances
+    are compiled as shipped and their figures recorded in the cache.
     Returns a summary dict; raises RuntimeError listing every instance that failed to compile.
     """
-    counts = library.write_library(generated_dir)
-    echo(f"rendered {counts['total']} instances into {generated_dir} "
-         f"({counts['written']} written, {counts['unchanged']} unchanged, {counts['removed']} removed)")
+    counts = None
+    if specs:
+        parsed = [KernelSpec.parse(name) for name in specs]
+        entries = library.write_extra(parsed)
+        generated_dir = paths.extra_library_dir()
+        echo(f"rendered {len(entries)} instance(s) into {generated_dir}")
+        manifest = {"instances": entries}
+    else:
+        try:
+            counts = library.write_library(generated_dir)
+            echo(f"rendered {counts['total']} instances into {generated_dir} "
+                 f"({counts['written']} written, {counts['unchanged']} unchanged, {counts['removed']} removed)")
+        except library.ReadOnlyLibrary:
+            echo(f"installed package: building the shipped library as it is ({generated_dir} is never rewritten; "
+                 f"figures go to {paths.build_stats_path()})")
+        manifest = library.load_manifest(generated_dir)
     summary = {"rendered": counts, "compiled": 0, "failed": [], "skipped_toolchains": []}
     if render_only:
         return summary
-    manifest = library.load_manifest(generated_dir)
     selected = [entry for entry in manifest["instances"] if matches(entry["name"], filters)]
     if filters and not selected:
         raise RuntimeError(f"no instance matches --filter {','.join(filters)}; `natgen list` shows the names")
@@ -61,6 +77,8 @@ def build(filters: Optional[Sequence[str]] = None, archs: Sequence[str] = nvcc.D
         lines = "\n".join(f"  {name} [{arch}]: {message.splitlines()[-1] if message else ''}"
                           for name, arch, message in summary["failed"])
         raise RuntimeError(f"{len(summary['failed'])} compile(s) failed:\n{lines}")
+    from ..manifest import reload
+    reload()  # this process sees the new figures
     return summary
 
 
@@ -98,8 +116,4 @@ def _compile_cuda(entries, archs, jobs, compiler, generated_dir, echo, progress)
 
 
 # toolchain -> builder(entries, jobs=, generated_dir=, echo=, progress=) -> {"compiled": n, "failed": [...]}
-_EXTRA_BUILDERS: Dict[str, Callable] = {}
-
-
-def register_builder(toolchain: str, builder: Callable) -> None:
-    _EXTRA_BUILDERS[toolchain] = builder
+_EXTRA_BUILDERS: Dict[str, Callable] = {"cxx": cxx.build_entries}

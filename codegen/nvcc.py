@@ -10,59 +10,23 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Optional
 
+from ..arch import arch_number  # noqa: F401  (re-exported)
+from ..files import atomic_write
+from ..toolkit import cubin_path, cuda_include_dir, find_nvcc  # noqa: F401  (re-exported)
 from .render import DEVICE_HEADERS, TEMPLATES_DIR
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-Xptxas", "-v")
 
 
-def cache_root() -> Path:
-    root = os.environ.get("NATGEN_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "natgen"
-
-
-def find_nvcc() -> Optional[str]:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return None
-
-
-def cuda_include_dir() -> Optional[str]:
-    """The CUDA toolkit's include directory (cuda_fp16.h etc.), for NVRTC, which has no default one."""
-    candidates = []
-    compiler = find_nvcc()
-    if compiler:
-        candidates.append(Path(compiler).resolve().parent.parent / "include")
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home:
-            candidates.append(Path(home) / "include")
-    for include in candidates:
-        if (include / "cuda_fp16.h").exists():
-            return str(include)
-    return None
-
-
 @functools.lru_cache(maxsize=None)
 def nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1]
-
-
-def arch_number(arch: str) -> int:
-    """'sm_90' / 'sm90' / 'sm_90a' -> 90."""
-    match = re.fullmatch(r"sm_?(\d+)a?", arch)
-    if not match:
-        raise ValueError(f"arch={arch!r} must look like sm_80 or sm_90")
-    return int(match.group(1))
 
 
 def cubin_key(source: str, arch: str, nvcc: str, templates_dir: Path = TEMPLATES_DIR) -> str:
@@ -72,10 +36,6 @@ def cubin_key(source: str, arch: str, nvcc: str, templates_dir: Path = TEMPLATES
         digest.update((Path(templates_dir) / name).read_bytes() + b"\0")
     digest.update(nvcc_version(nvcc).encode() + b"\0" + " ".join(NVCC_FLAGS).encode() + b"\0" + arch.encode())
     return digest.hexdigest()[:32]
-
-
-def cubin_path(key: str) -> Path:
-    return cache_root() / "cubin" / f"{key}.cubin"
 
 
 _FUNCTION_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
@@ -124,7 +84,6 @@ def compile_cubin(source_path: Path, source: str, arch: str, nvcc: Optional[str]
     figures = parse_ptxas(proc.stderr + proc.stdout)
     figures["cubin_key"] = key
     os.replace(tmp, cubin)
-    from .library import atomic_write  # local import: library imports render, which imports us indirectly
     atomic_write(stats_file, (json.dumps(figures, sort_keys=True) + "\n").encode())
     return figures
 

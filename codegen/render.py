@@ -12,11 +12,9 @@ import jinja2.meta
 from .families import REGISTRY
 from .spec import KernelSpec
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-if not TEMPLATES_DIR.is_dir():  # installed layout: natgen/codegen next to natgen/templates
-    TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+from ..paths import TEMPLATES_DIR
 
-# headers that generated sources include (their bytes change what a build produces)
+# the header CUDA sources include (its bytes change what a build produces); each family lists its HEADERS
 DEVICE_HEADERS = ("natgen_device.cuh",)
 
 
@@ -47,9 +45,9 @@ def template_hash(template_name: str, templates_dir: str = str(TEMPLATES_DIR)) -
     return digest.hexdigest()
 
 
-def headers_hash(templates_dir: Path = TEMPLATES_DIR) -> str:
+def headers_hash(templates_dir: Path = TEMPLATES_DIR, headers=DEVICE_HEADERS) -> str:
     digest = hashlib.sha256()
-    for name in DEVICE_HEADERS:
+    for name in headers:
         path = Path(templates_dir) / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"<missing>") + b"\0")
     return digest.hexdigest()
@@ -69,7 +67,7 @@ def render(spec: KernelSpec, templates_dir: Path = TEMPLATES_DIR) -> str:
     env = environment(str(templates_dir))
     digest = template_hash(family.TEMPLATE, str(templates_dir))
     values = dict(family.context(spec))
-    reserved = {"header", "name", "ctype", "spec"} & values.keys()
+    reserved = {"header", "name", "ctype", "spec"} & values.keys()  # set here for every family
     if reserved:
         raise ValueError(f"family {spec.family} context may not set {sorted(reserved)}")
     values.update(header=header_comment(spec, family.TEMPLATE, digest), name=spec.name, ctype=spec.ctype,

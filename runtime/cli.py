@@ -116,22 +116,17 @@ def show(name, ptx, arch):
 @click.option("--arch", default="sm_80,sm_90", show_default=True, help="comma-separated CUDA archs")
 @click.option("--jobs", "-j", default=None, type=int, help="parallel compiles (default: CPU count)")
 @click.option("--render-only", is_flag=True, help="render generated/ without compiling")
-def build(filter_, arch, jobs, render_only):
+@click.option("--spec", "specs", multiple=True, metavar="NAME",
+              help="an instance outside the default library (e.g. from `natgen list --rejected`): rendered into "
+                   "the cache's extra library and compiled (repeatable)")
+def build(filter_, arch, jobs, render_only, specs):
     """Render generated/ and compile the selected instances (nvcc cubins, CPU modules)."""
     from .codegen.builder import build as run_build
-    _load_extra_builders()
     archs = [a.strip() for a in arch.split(",") if a.strip()]
     try:
-        run_build(split_filters(filter_), archs, jobs, render_only)
+        run_build(split_filters(filter_), archs, jobs, render_only, specs=specs)
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _load_extra_builders():
-    try:
-        from .codegen import cpu_build  # noqa: F401  (registers the C++ toolchain when present)
-    except ImportError:
-        pass
 
 
 @main.command(hidden=True)
@@ -181,16 +176,33 @@ def _meta_problem(rank, shape, kernel_size, stride, dilation, causal, dtype, hea
 @click.option("--batch", default=1, show_default=True)
 @click.option("--heads", default=8, show_default=True)
 @click.option("--target", default="sm_80", show_default=True, help="sm_80, sm_90, ... or cpu")
-def explain(rank, shape, kernel_size, stride, dilation, causal, dtype, head_dim, batch, heads, target):
+@click.option("--backward", is_flag=True, help="the backward kernel (among the chosen forward's partners)")
+def explain(rank, shape, kernel_size, stride, dilation, causal, dtype, head_dim, batch, heads, target, backward):
     """Show which instance a problem gets and why every other candidate lost."""
     from . import selector
     try:
         problem = _meta_problem(rank, shape, kernel_size, stride, dilation, causal, dtype, head_dim, batch, heads)
+        tgt = selector.Target("cpu") if target == "cpu" else selector.Target("cuda", target)
     except (ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
-    tgt = selector.Target("cpu") if target == "cpu" else selector.Target("cuda", target)
-    ranked = selector.rank_instances(problem, tgt)
-    click.echo(f"problem: {selector.describe(problem)}; target {target}")
+    if target == "cpu":
+        from .cpu import compute_problem
+        problem = compute_problem(problem)  # the CPU family computes half inputs in float32
+    op = "bwd" if backward else "fwd"
+    candidates = None
+    click.echo(f"problem: {selector.describe(problem)}; target {target}; {'backward' if backward else 'forward'}")
+    if backward:
+        try:
+            forward = selector.select("fwd", problem, tgt).instance
+        except selector.NoKernelError:
+            click.echo("no forward instance supports this problem: the reference backend runs it and its gradients")
+            return
+        candidates = selector.partner_candidates(forward)
+        click.echo(f"forward: {forward.name}; its backward partners: {', '.join(forward.partners) or 'none'}")
+        if not candidates:
+            click.echo("no backward kernel: the gradients are recomputed through the reference backend")
+            return
+    ranked = selector.rank_instances(op, problem, tgt, candidates)
     supported = [r for r in ranked if r.supported]
     if not supported:
         click.echo("no instance supports this problem: the reference backend would run it")
@@ -217,24 +229,28 @@ def demo(size):
     """Render, build a small set, run na2d on the best available backend and check it against the reference."""
     import torch
     from . import ops
-    from .codegen import library, nvcc
+    from .codegen import library
     from .codegen.builder import build as run_build
 
     click.echo("== 1. generate")
-    counts = library.write_library()
-    click.echo(f"rendered {counts['total']} instances ({counts['written']} written, {counts['unchanged']} "
-               f"unchanged) into {library.GENERATED_DIR}")
+    try:
+        counts = library.write_library()
+        click.echo(f"rendered {counts['total']} instances ({counts['written']} written, {counts['unchanged']} "
+                   f"unchanged) into {library.GENERATED_DIR}")
+    except library.ReadOnlyLibrary:
+        count = len(library.load_manifest()["instances"])
+        click.echo(f"installed package: using the {count} shipped instances in {library.GENERATED_DIR} "
+                   "(never rewritten)")
     # the CUDA instances for the demo problem and the CPU instance that runs it here
     demo_filter = ["na2d_fwd_*_k7x7_d1x1_c00_f32_h32_*", "na2d_fwd_cpu_k7x7_*_c00_f32_h32_*"]
     click.echo("\n== 2. build " + ", ".join(demo_filter))
-    _load_extra_builders()
     try:
         run_build(demo_filter, ["sm_80"], None, echo=lambda m: click.echo(m) if not m.startswith("rendered") else None,
                   progress=False)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
-    from .manifest import load
-    load.cache_clear()
+    from .manifest import load, reload
+    reload()
     for inst in load():
         if matches(inst.name, demo_filter):
             figures = inst.build("sm_80")

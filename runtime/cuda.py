@@ -1,20 +1,24 @@
-"""GPU backend: loads instances through CuPy RawModule and launches them on torch's current stream.
+"""The "cuda" backend: instances loaded through CuPy RawModule, launched on torch's current stream.
 
 A cubin from the build cache is used when `natgen build` made one for the device's arch; otherwise the
-rendered source is compiled by NVRTC on first use (CuPy caches the result on disk).
+library's source is compiled by NVRTC on first use (CuPy caches the result on disk). A resolved call holds
+the loaded function, its launch plan and the argument template; a repeated call only binds addresses.
 """
 from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .codegen import nvcc as nvcc_paths
-from .codegen.render import TEMPLATES_DIR
-from .launch import Plan
+from . import paths, selector
+from .toolkit import cubin_path, cuda_include_dir, find_nvcc  # noqa: F401  (re-exported)
+from .launch import KernelCall, Plan
 from .manifest import Instance
+from .problem import Problem
+from .registry import Backend, Resolved, register_backend
 
 log = logging.getLogger("natgen.cuda")
 
@@ -46,41 +50,92 @@ def device_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
+
+
 @functools.lru_cache(maxsize=None)
-def _function(name: str, arch: str, device_index: int):
+def _function(instance: Instance, arch: str, device_index: int):
     cupy = cupy_module()
-    from .manifest import find
-    instance = find(name)
     with cupy.cuda.Device(device_index):
         build = instance.build(arch)
-        cubin = nvcc_paths.cubin_path(build["cubin_key"]) if build and build.get("cubin_key") else None
+        cubin = cubin_path(build["cubin_key"]) if build and build.get("cubin_key") else None
         if cubin is not None and cubin.exists():
-            log.debug("loading %s from %s", name, cubin)
+            log.debug("loading %s from %s", instance.name, cubin)
             module = cupy.RawModule(path=str(cubin))
         else:
-            log.debug("compiling %s through NVRTC for %s", name, arch)
-            options = ("-std=c++17", f"-I{TEMPLATES_DIR}", "--use_fast_math")
-            cuda_include = nvcc_paths.cuda_include_dir()
+            log.debug("compiling %s through NVRTC for %s", instance.name, arch)
+            options = NVRTC_OPTIONS + (f"-I{paths.TEMPLATES_DIR}",)
+            cuda_include = cuda_include_dir()
             if cuda_include:
                 options += (f"-I{cuda_include}",)
             module = cupy.RawModule(code=instance.source_path.read_text(), options=options, backend="nvrtc")
         return module.get_function(instance.entry["symbol"])
 
 
-def run(instance: Instance, plan: Plan, device: torch.device) -> None:
-    cupy = cupy_module()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    function = _function(instance.name, device_arch(device), index)
-    scalars = iter(plan.scalar_types)
-    args = []
-    for value in plan.args:
-        if isinstance(value, torch.Tensor):
-            args.append(np.uint64(value.data_ptr()))
+_SCALARS = {"i32": np.int32, "f32": np.float32, "i64": np.int64, "f64": np.float64}
+
+
+def cupy_launcher(function, plan: Plan, stream_of):
+    """launcher(plan, args) for KernelCall: scalars converted once, tensor addresses per call. `function` is
+    a CuPy RawKernel, or for a dry run any callable with its signature (nothing runs)."""
+    converted = [None if kind == "ptr" else _SCALARS[kind](value)
+                 for kind, value in zip(plan.scalar_types, plan.template)]
+    pointer_positions = [position for position, _ in plan.pointers]
+    grid, block, shared_mem = plan.grid, plan.block, plan.shared_mem
+    uint64 = np.uint64
+
+    def launch(_plan, args):
+        values = list(converted)
+        for position in pointer_positions:
+            values[position] = uint64(args[position].data_ptr())
+        function(grid, block, tuple(values), shared_mem=shared_mem, stream=stream_of())
+
+    return launch
+
+
+class CudaCall(Resolved):
+    def __init__(self, problem: Problem, target: selector.Target, device_index: Optional[int], dry_run=None):
+        forward = selector.select("fwd", problem, target).instance
+        super().__init__("cuda", forward, None)  # no CUDA backward kernels yet: gradients take the reference
+        self.target = target
+        if dry_run is not None:
+            stream_of = lambda: None  # noqa: E731
+            function = dry_run
         else:
-            args.append(np.int32(value) if next(scalars) == "int" else np.float32(value))
-    if plan.shared_mem > 48 * 1024:
-        # above 48 KB a kernel must opt in to the larger dynamic shared memory carve-out
-        function.max_dynamic_shared_size_bytes = plan.shared_mem
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
-    with cupy.cuda.Device(index):
-        function(plan.grid, plan.block, tuple(args), shared_mem=plan.shared_mem, stream=stream)
+            cupy = cupy_module()
+            function = _function(forward, target.arch, device_index)
+            if forward.launch.get("dynamic_smem", 0) > 48 * 1024:
+                # above 48 KB a kernel must opt in to the larger dynamic shared memory carve-out
+                function.max_dynamic_shared_size_bytes = forward.launch["dynamic_smem"]
+            device = torch.device("cuda", device_index)
+
+            def stream_of():
+                return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device_index)
+
+        self.call = KernelCall(forward, problem, None)
+        self.call.launcher = cupy_launcher(function, self.call.plan, stream_of)
+
+    def forward(self, q, k, v, extra_k=None, extra_v=None):
+        return self.call(q, k, v, extra_k, extra_v)
+
+
+def target_for(device: torch.device) -> selector.Target:
+    return selector.Target("cuda", device_arch(device), device_sms(device))
+
+
+def resolve(problem: Problem, arch: Optional[str] = None) -> CudaCall:
+    device = problem.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = selector.Target("cuda", arch) if arch is not None else target_for(device)
+    return CudaCall(problem, target, index)
+
+
+def resolve_dry_run(problem: Problem, arch: str = "sm_80", sms: Optional[int] = None) -> CudaCall:
+    """The cuda path's resolved call for CPU tensors, launching nothing: what `natgen bench --overhead`
+    times where no GPU exists (selection, planning, argument conversion; everything but the launch)."""
+    return CudaCall(problem, selector.Target("cuda", arch, sms), None,
+                    dry_run=lambda grid, block, args, shared_mem=0, stream=None: None)
+
+
+register_backend(Backend("cuda", "cuda", available, resolve,
+                         unavailable_hint=": install CuPy (natgen[cuda13]) and use a CUDA device"))

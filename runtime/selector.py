@@ -1,41 +1,32 @@
-"""Problem -> best instance, with the reason every other candidate lost.
+"""(op, problem, target) -> best instance, with the reason every other candidate lost.
 
-Selection is data plus one small pure function: each instance either cannot serve the problem (and says
-why) or gets a static cost; the cheapest wins. The cost model reads manifest figures, except the wasted-work
-figure of the tensor-core families, which their family module computes for the problem at hand (a runtime-K
-instance's waste depends on K and the borders, which no single recorded figure can stand for).
+Selection is data plus one small pure function: each manifest instance either cannot serve the problem
+(and says why) or gets a cost from natgen.cost, which reads only manifest fields; the cheapest wins.
+Backward kernels are chosen the same way, among the backward partners the forward's entry names.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-from .codegen.families import REGISTRY
-from .codegen.nvcc import arch_number
-from .codegen.spec import ANY, TORCH_DTYPE_TOKENS
+from .arch import arch_number
+from .cost import ctas_per_sm, static_cost  # noqa: F401  (ctas_per_sm is shown by `natgen list`)
 from .manifest import Instance, load
 from .problem import Problem
+from .spec import ANY, TORCH_DTYPE_TOKENS
 
 log = logging.getLogger("natgen.selector")
 
-# Per-SM limits used for occupancy (CUDA programming guide, compute capability tables).
-ARCH_LIMITS = {
-    "sm_80": {"threads": 2048, "registers": 65536, "smem": 164 * 1024, "ctas": 32, "sms": 108},
-    "sm_86": {"threads": 1536, "registers": 65536, "smem": 100 * 1024, "ctas": 16, "sms": 84},
-    "sm_89": {"threads": 1536, "registers": 65536, "smem": 100 * 1024, "ctas": 24, "sms": 128},
-    "sm_90": {"threads": 2048, "registers": 65536, "smem": 228 * 1024, "ctas": 32, "sms": 132},
-}
-# Relative time per useful key of each family, before waste and occupancy (lower is faster). The
-# tensor-core families beat the SIMT one by the mma throughput ratio; specialization removes index math.
-FAMILY_BASE_COST = {"tcs": 1.0, "tcg": 1.3, "simt": 6.0, "cpu": 1.0}
-SPECIALIZED_DISCOUNT = 0.85
-# Resident warps per SM beyond which more occupancy stops hiding latency. The SIMT family is latency
-# bound (one dependent shuffle chain per key) and wants many warps; tensor-core CTAs keep several mma
-# and cp.async stages in flight per warp, so a few warps per scheduler already saturate them.
-SATURATING_WARPS = {"simt": 32, "tcs": 8, "tcg": 8}
-REGISTER_ALLOCATION_UNIT = 256
+OPS = {"forward": "fwd", "backward": "bwd", "fwd": "fwd", "bwd": "bwd"}
+
+
+def op_token(op: str) -> str:
+    try:
+        return OPS[op]
+    except (KeyError, TypeError):
+        raise ValueError(f"op={op!r} must be 'forward' or 'backward'") from None
 
 
 @dataclass(frozen=True)
@@ -58,33 +49,19 @@ class Ranked:
         return not self.reasons
 
 
-def arch_limits(arch: str) -> dict:
-    return ARCH_LIMITS.get(arch) or ARCH_LIMITS["sm_90" if arch_number(arch) >= 90 else "sm_80"]
+def dtype_token(dtype) -> str:
+    return TORCH_DTYPE_TOKENS.get(str(dtype).replace("torch.", ""))
 
 
-def ctas_per_sm(launch: dict, build: Optional[dict], arch: str) -> int:
-    """Resident CTAs per SM from ptxas figures (registers, static smem) and the launch shape."""
-    limits = arch_limits(arch)
-    threads = launch["threads"]
-    bounds = [limits["ctas"], limits["threads"] // threads]
-    smem = launch.get("dynamic_smem", 0) + (build or {}).get("smem_bytes", 0)
-    if smem:
-        bounds.append(limits["smem"] // smem)
-    if build and build.get("registers"):
-        per_warp = math.ceil(build["registers"] * 32 / REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
-        bounds.append(limits["registers"] // (per_warp * math.ceil(threads / 32)))
-    return max(0, min(bounds))
-
-
-def not_supported_reasons(instance: Instance, problem: Problem, target: Target) -> List[str]:
+def not_supported_reasons(instance: Instance, problem: Problem, target: Target, op: str = "fwd") -> List[str]:
     spec, reasons = instance.spec, []
     if (spec.family == "cpu") != (target.kind == "cpu"):
         reasons.append(f"family {spec.family} does not run on {target.kind}")
-    if spec.op != "fwd":
-        reasons.append("not a forward kernel")
+    if spec.op != op:
+        reasons.append(f"a {spec.op} kernel, not {op}")
     if spec.rank != problem.rank:
         reasons.append(f"rank {spec.rank} != {problem.rank}")
-    dtype = TORCH_DTYPE_TOKENS.get(str(problem.dtype).replace("torch.", ""))
+    dtype = dtype_token(problem.dtype)
     if spec.dtype != dtype:
         reasons.append(f"dtype {spec.dtype} != {dtype}")
     if spec.head_dim != ANY and spec.head_dim != problem.head_dim:
@@ -101,45 +78,20 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target) 
         if arch_number(target.arch) < arch_number(spec.arch):
             reasons.append(f"needs {spec.arch}, device is {target.arch}")
     limits = instance.launch.get("limits", {})
-    if problem.n_extra > limits.get("max_extra", math.inf):
-        reasons.append(f"{problem.n_extra} extra tokens > {limits['max_extra']}")
-    if problem.window > limits.get("max_window", math.inf):
-        reasons.append(f"window of {problem.window} keys > {limits['max_window']}")
+    for what, value in (("extra", problem.n_extra), ("window", problem.window), ("heads", problem.heads),
+                        ("batch", problem.batch)):
+        bound = limits.get(f"max_{what}")
+        if bound is not None and value > bound:
+            reasons.append(f"{what} {value} > {bound} (the instance's limit)")
     return reasons
 
 
-def static_cost(instance: Instance, problem: Problem, target: Target) -> Tuple[float, dict]:
-    spec, launch = instance.spec, instance.launch
-    problem_waste = getattr(REGISTRY.get(spec.family), "problem_waste", None)
-    # the manifest's figure is for a fixed reference problem: the fallback for families without a model
-    waste = (problem_waste(spec, problem) if problem_waste
-             else float(launch.get("computed_keys_per_useful_key", 1.0)))
-    cost = FAMILY_BASE_COST.get(spec.family, 10.0) * waste
-    if spec.kernel_size != ANY:
-        cost *= SPECIALIZED_DISCOUNT
-    details = {"computed_keys_per_useful_key": round(waste, 3)}
-    if target.kind == "cuda":
-        build = instance.build(target.arch)
-        resident = ctas_per_sm(launch, build, target.arch)
-        if resident == 0:
-            return math.inf, {"ctas_per_sm": 0}
-        sms = target.sms or arch_limits(target.arch)["sms"]
-        ctas = math.ceil(problem.num_tokens / launch["queries_per_cta"]) * problem.heads * problem.batch
-        slots = sms * resident
-        waves = math.ceil(ctas / slots)
-        wave_efficiency = ctas / (waves * slots)
-        warps = resident * launch["threads"] / 32
-        occupancy_factor = min(1.0, warps / SATURATING_WARPS.get(spec.family, 32))
-        cost /= max(wave_efficiency, 1e-3) * max(occupancy_factor, 0.125)
-        details.update(ctas_per_sm=resident, waves=waves, wave_efficiency=round(wave_efficiency, 3),
-                       registers=(build or {}).get("registers"))
-    return cost, details
-
-
-def rank_instances(problem: Problem, target: Target, instances: Optional[Sequence[Instance]] = None) -> List[Ranked]:
+def rank_instances(op: str, problem: Problem, target: Target,
+                   instances: Optional[Sequence[Instance]] = None) -> List[Ranked]:
+    op = op_token(op)
     ranked = []
     for instance in instances if instances is not None else load():
-        entry = Ranked(instance, reasons=not_supported_reasons(instance, problem, target))
+        entry = Ranked(instance, reasons=not_supported_reasons(instance, problem, target, op))
         if entry.supported:
             entry.cost, entry.details = static_cost(instance, problem, target)
             if math.isinf(entry.cost):
@@ -153,15 +105,36 @@ class NoKernelError(RuntimeError):
     pass
 
 
-def select(problem: Problem, target: Target, instances: Optional[Sequence[Instance]] = None) -> Ranked:
-    ranked = rank_instances(problem, target, instances)
+def select(op: str, problem: Problem, target: Target, instances: Optional[Sequence[Instance]] = None) -> Ranked:
+    ranked = rank_instances(op, problem, target, instances)
     if not ranked or not ranked[0].supported:
         near = [r for r in ranked if r.instance.spec.rank == problem.rank][:6]
         lines = "; ".join(f"{r.instance.name} because {', '.join(r.reasons)}" for r in near)
-        raise NoKernelError(f"no {target.kind} kernel for this problem ({describe(problem)}): {lines}")
+        raise NoKernelError(f"no {target.kind} {op_token(op)} kernel for this problem ({describe(problem)})"
+                            + (f": {lines}" if lines else ""))
     best = ranked[0]
     log.debug("selected %s (cost %.3f, %s) for %s", best.instance.name, best.cost, best.details, describe(problem))
     return best
+
+
+def partner_candidates(forward: Instance) -> List[Instance]:
+    """The backward instances a forward's manifest entry names (those the library holds)."""
+    from .manifest import find
+    found = []
+    for name in forward.partners:
+        try:
+            found.append(find(name))
+        except KeyError:
+            log.warning("natgen: %s names a backward partner %s that the library lacks", forward.name, name)
+    return found
+
+
+def select_backward(forward: Instance, problem: Problem, target: Target) -> Ranked:
+    """The backward kernel for a problem whose forward runs `forward`: the cheapest of its partners."""
+    candidates = partner_candidates(forward)
+    if not candidates:
+        raise NoKernelError(f"{forward.name} names no backward kernel (its gradients take the reference)")
+    return select("bwd", problem, target, candidates)
 
 
 def describe(problem: Problem) -> str:

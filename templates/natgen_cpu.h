@@ -4,7 +4,7 @@
 // kernel size, head_dim, per-dim causal mask, query tile) through `Config` and wraps the per-unit work in a
 // function built for several ISAs (target_clones: AVX-512, AVX2+FMA, baseline x86-64), chosen at load time
 // from the CPU's features. Everything the kernels read arrives through one `Args` block of 8-byte fields
-// (the Python side packs the same fields in the same order into an int64 tensor); the entry point is one
+// (generated from codegen/abi.py; the runtime packs it from the manifest's layout); the entry point is one
 // extern "C" function named after the spec, taking that block, which ctypes calls with the GIL released.
 //
 // Work decomposition. Dilation splits every axis into interleaved groups that never see each other, so a
@@ -66,14 +66,9 @@
 
 namespace natgen {
 
-// Field order is a contract with runtime/cpu.py (ARG_FIELDS); tests/test_cpu_codegen.py checks it.
-struct Args {
-    int64_t q, k, v, out, lse, extra_k, extra_v;
-    int64_t grad_out, grad_lse, grad_q, grad_k, grad_v, grad_extra_k, grad_extra_v;
-    int64_t batch, heads, head_dim, head_dim_v, n_extra, threads;
-    int64_t length[3], kernel[3], stride[3], dilation[3], causal[3];
-    double scale;
-};
+// `Args`, the argument block, is defined by each generated instance before it includes this header: it is
+// produced from the declarative ABI (codegen/abi.py, ABI "cpu"), whose layout the manifest records for the
+// runtime's packer.
 
 template <typename T> struct VecTraits;
 template <> struct VecTraits<float> {

@@ -3,7 +3,10 @@
 - FAMILY: the spec `family` token;  TEMPLATE: its Jinja template (in templates/);  TOOLCHAIN: "nvcc" or "cxx"
 - candidates(policy) -> iterable of (KernelSpec, reason or None): the family's whole candidate space for a
   policy; None accepts the spec, a string names why it is left out
-- launch(spec) -> dict: launch facts the runtime needs (threads, shared memory, work figures); JSON only
+- ABI: the name of its kernel argument list in codegen/abi.py
+- launch(spec) -> dict: launch facts the runtime needs (threads, shared memory, grid kind, limits); JSON only
+- cost(spec) -> dict (or a COST dict): the selector's inputs (natgen.cost reads them from the manifest)
+- partners(spec) -> [specs] (optional): a forward's backward instances
 - context(spec) -> dict: precomputed template values (templates do no parameter-space logic)
 """
 from . import cpu, simt, tcg, tcs

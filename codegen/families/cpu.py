@@ -8,9 +8,11 @@ coordinates, so a constant dilation would buy nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
+from .. import abi
 from ..spec import ANY, KernelSpec
 
 FAMILY = "cpu"
@@ -18,6 +20,10 @@ TEMPLATE = "cpu_na.cpp.j2"
 TOOLCHAIN = "cxx"
 SOURCE_SUFFIX = ".cpp"
 HEADERS = ("natgen_cpu.h",)
+ABI = "cpu"
+# the selector's inputs (natgen.cost): one CPU family, so only the specialization factor ranks instances
+COST = {"base": 1.0, "saturating_warps": 1, "waste": "exact"}
+SPECIALIZATION = 0.85
 
 OPS = ("fwd", "bwd")
 # Query tile (group-local coordinates) per rank: 64 queries whose key union, at K=7, is ~3x the tile, so a
@@ -33,8 +39,6 @@ DEFAULT_SPECIALIZED = {
 }
 FULL_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
 FULL_HEAD_DIMS = (32, 64, 128)
-# mirrors natgen::Args in templates/natgen_cpu.h (runtime/cpu.py packs it)
-ARG_FIELD_COUNT = 7 + 7 + 6 + 5 * 3 + 1
 
 
 def _spec(op, rank, kernel, causal, dtype, head_dim):
@@ -49,16 +53,14 @@ def candidates(policy: str):
         for causal in itertools.product((False, True), repeat=rank):
             for dtype in ("f32", "f64"):
                 reason = None
-                if dtype == "f64" and any(causal) and not full:
-                    reason = "f64 is for checking gradients: causal f64 compiles on demand"
-                elif causal not in (non_causal, all_causal) and not full:
-                    reason = "mixed per-dim causal masks are rare: compiled on demand"
-                yield _spec(op, rank, ANY, causal, dtype, ANY), reason
+                # every mask and dtype has a K=any instance, so every valid problem has a CPU kernel;
+                # modules compile on first use, so instances nobody calls cost nothing
+                yield _spec(op, rank, ANY, causal, dtype, ANY), None
         for kernel, head_dim in itertools.product(FULL_KERNEL_SIZES + (31,), FULL_HEAD_DIMS):
             accepted = (kernel, head_dim) in DEFAULT_SPECIALIZED[rank] or (full and kernel in FULL_KERNEL_SIZES)
             yield (_spec(op, rank, kernel, non_causal, "f32", head_dim),
                    None if accepted else
-                   "not a default specialized shape: served by the K=any instance or compiled on demand")
+                   "not a default specialized shape: served by the K=any instance (`natgen build --spec` adds it)")
 
 
 def launch(spec: KernelSpec) -> dict:
@@ -68,6 +70,15 @@ def launch(spec: KernelSpec) -> dict:
         # every query computes exactly its own keys (last-axis vector padding aside)
         "computed_keys_per_useful_key": 1.0,
     }
+
+
+def cost(spec: KernelSpec) -> dict:
+    return dict(COST, specialization=SPECIALIZATION) if spec.kernel_size != ANY else dict(COST)
+
+
+def partners(spec: KernelSpec):
+    """A forward's backward: the same spec with op bwd (the manifest records it by name)."""
+    return [dataclasses.replace(spec, op="bwd")] if spec.op == "fwd" else []
 
 
 def context(spec: KernelSpec) -> dict:
@@ -84,7 +95,7 @@ def context(spec: KernelSpec) -> dict:
         "tile": tile,
         "op_function": "forward" if spec.op == "fwd" else "backward",
         "spec_json": spec.json_text(),
-        "arg_field_count": ARG_FIELD_COUNT,
+        "args_struct": abi.cpp_struct(ABI),
         "description": f"rank-{spec.rank} {what}, {window}, {spec.dtype} compute, "
                        f"{math.prod(spec.tile)} queries per task",
     }

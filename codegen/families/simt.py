@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import itertools
 
+from .. import abi
 from ..spec import ANY, KernelSpec, padded_cuda_terms
 
 FAMILY = "simt"
 TEMPLATE = "simt_fwd.cu.j2"
 TOOLCHAIN = "nvcc"
 SOURCE_SUFFIX = ".cu"
+HEADERS = ("natgen_device.cuh",)
+ABI = "cuda_fwd"
+# The selector's inputs (natgen.cost): 6x the tensor-core families' time per useful key (mma throughput
+# ratio); latency bound (one dependent shuffle chain per key), so it wants many resident warps.
+COST = {"base": 6.0, "saturating_warps": 32, "waste": "exact"}
+SPECIALIZATION = 0.85  # compile-time K and D: the neighbor loop unrolls, index math folds
 
 SPECIALIZED_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
 HEAD_DIMS = (32, 64, 128)
@@ -34,7 +41,7 @@ def candidates(policy: str):
                 for dil in (1, 2, 3, 4):
                     for causal in itertools.product((False, True), repeat=rank):
                         spec = KernelSpec(FAMILY, "fwd", rank, (kernel,) * rank, (dil,) * rank, causal,
-                                          dtype, head_dim, tile, "sm80")
+                                          dtype, head_dim, tile, "sm_80")
                         reason = None
                         if kernel not in SPECIALIZED_KERNEL_SIZES:
                             reason = "kernel size outside the specialized set 3..13 (odd): served by the K=any instance"
@@ -44,9 +51,9 @@ def candidates(policy: str):
                             reason = "causal windows vary per query, so a constant K buys little: served by K=any"
                         yield spec, reason
             for causal in itertools.product((False, True), repeat=rank):
-                yield KernelSpec(FAMILY, "fwd", rank, ANY, ANY, causal, dtype, head_dim, tile, "sm80"), None
+                yield KernelSpec(FAMILY, "fwd", rank, ANY, ANY, causal, dtype, head_dim, tile, "sm_80"), None
     for rank in (1, 2, 3):
-        yield (KernelSpec(FAMILY, "fwd", rank, ANY, ANY, (False,) * rank, "f16", 256, TILES[rank], "sm80"),
+        yield (KernelSpec(FAMILY, "fwd", rank, ANY, ANY, (False,) * rank, "f16", 256, TILES[rank], "sm_80"),
                "head_dim 256 needs 8 fp32 accumulators per lane: left to the tensor-core families")
 
 
@@ -55,9 +62,15 @@ def launch(spec: KernelSpec) -> dict:
         "threads": WARP * spec.queries_per_tile,
         "dynamic_smem": 0,
         "queries_per_cta": spec.queries_per_tile,
+        "grid": "tiles",
         # every query computes exactly its own neighbors: no masked pairs are computed
         "computed_keys_per_useful_key": 1.0,
+        "limits": {"max_heads": 65535, "max_batch": 65535},  # CUDA grid y (heads) and z (batch)
     }
+
+
+def cost(spec: KernelSpec) -> dict:
+    return dict(COST, specialization=SPECIALIZATION) if spec.kernel_size != ANY else dict(COST)
 
 
 def context(spec: KernelSpec) -> dict:
@@ -81,4 +94,6 @@ def context(spec: KernelSpec) -> dict:
         "unroll": unroll,
         "head_dim": spec.head_dim,
         "elems_per_lane": spec.head_dim // WARP,
+        "signature": abi.cuda_signature(ABI, spec.ctype),
+        "prologue": abi.cuda_fwd_prologue(rank, spec.ctype),
     }

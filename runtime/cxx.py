@@ -1,19 +1,21 @@
 """The "cxx" toolchain: generated CPU instances -> shared libraries in a content-addressed cache.
 
-Each instance is a plain shared library exporting `extern "C" int <spec name>(const Args*, int)` (STYLE.md:
-kernels are extern "C" and named after their spec), called through ctypes, which releases the GIL. Why not
+Each instance is a plain shared library exporting `extern "C" int <spec name>(const Args*, int)` (kernels
+are extern "C" and named after their spec, so a profiler shows which instance ran), called through ctypes,
+which releases the GIL. Why not
 a pybind11 extension per instance: pybind11's headers alone cost ~5 s of the ~8.5 s compile of one instance
 (measured with g++ 12 -O3), i.e. they would double the build of the default library, and a one-pointer
 interface needs none of pybind11's type conversions. It also makes modules independent of the Python ABI.
 
-Cache: $NATGEN_CACHE_DIR or ~/.cache/natgen, under cpu/<key[:2]>/<name>-<key[:16]>.so, where key =
-sha256(source, natgen_cpu.h, compiler identity, flags). A module is written to
+Cache: natgen.paths.cache_dir(), under cpu/<key[:2]>/<name>-<key[:16]>.so, where key =
+sha256(source, the headers it includes, compiler identity, flags). A module is written to
 a unique temp file and os.replace()d into place (readers never see half a file) while a per-key file lock
 makes a second process wait for the first compile instead of repeating it. Each module has a JSON sidecar
 with the sha256 of its bytes: a module whose bytes do not match (truncated, corrupted) is ignored and rebuilt.
 
-Importing this module registers the builder with codegen.builder (`python build.py` compiles the default
-CPU instances); `load(spec)` is what the runtime uses, compiling on demand for any spec.
+The source is always the library's file (generated/cpu/*.cpp, or the cache's extra library): the runtime
+compiles what was generated and never renders anything. `codegen.builder` calls `build_entries` for
+`natgen build`; the runtime calls `load(instance)`, compiling on first use.
 """
 from __future__ import annotations
 
@@ -33,11 +35,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional
 
-from . import render as render_mod
-from .builder import register_builder
-from .families import cpu as cpu_family
-from .library import GENERATED_DIR, atomic_write
-from .spec import KernelSpec
+from . import paths
+from .files import atomic_write
 
 log = logging.getLogger("natgen.cpu_build")
 
@@ -45,7 +44,7 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp", "-fvis
          "-Wno-psabi", "-DNDEBUG")
 COMPILES = 0          # compiles done by this process (tests read it to prove cache reuse)
 _loaded = {}          # cache key -> Kernel
-_by_spec = {}         # spec -> Kernel (skips re-rendering on every call)
+_by_name = {}         # (instance name, library folder) -> Kernel (skips reading and hashing the source)
 _lock = threading.Lock()
 _count_lock = threading.Lock()
 
@@ -55,8 +54,7 @@ class CompileError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("NATGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "natgen")
-    return Path(root) / "cpu"
+    return paths.cache_dir() / "cpu"
 
 
 def find_compiler() -> Optional[str]:
@@ -81,17 +79,23 @@ def compiler_identity(compiler: str) -> str:
 
 
 def _include_dirs():
-    return (str(render_mod.TEMPLATES_DIR),)
+    return (str(paths.TEMPLATES_DIR),)
 
 
-def _headers_bytes() -> bytes:
-    return b"".join(name.encode() + b"\0" + (render_mod.TEMPLATES_DIR / name).read_bytes()
-                    for name in cpu_family.HEADERS)
+def headers() -> tuple:
+    """Every header the generated CPU sources may include (all of them change what a compile produces)."""
+    return tuple(sorted(path.name for path in paths.TEMPLATES_DIR.glob("natgen_cpu*.h")))
+
+
+@functools.lru_cache(maxsize=4)
+def _headers_bytes(names: tuple) -> bytes:
+    return b"".join(name.encode() + b"\0" + (paths.TEMPLATES_DIR / name).read_bytes() for name in names)
 
 
 def cache_key(source: str, compiler: str) -> str:
     digest = hashlib.sha256()
-    for part in (source.encode(), _headers_bytes(), compiler_identity(compiler).encode(), " ".join(FLAGS).encode()):
+    for part in (source.encode(), _headers_bytes(headers()), compiler_identity(compiler).encode(),
+                 " ".join(FLAGS).encode()):
         digest.update(part + b"\0")
     return digest.hexdigest()
 
@@ -155,12 +159,6 @@ def compile_source(name: str, source: str, compiler: Optional[str] = None) -> Pa
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def source_for(spec: KernelSpec) -> str:
-    """Rendering is deterministic, so a fresh render equals the generated/ file of a library instance and
-    also serves on-demand specs that are not in the library."""
-    return render_mod.render(spec)
-
-
 class Kernel:
     """One loaded instance: `run(args_address)` calls its extern "C" entry point."""
 
@@ -179,38 +177,41 @@ class Kernel:
             raise RuntimeError(f"{self.name}: the kernel raised a C++ exception (out of memory?)")
 
 
-def load(spec: KernelSpec) -> Kernel:
-    """Load (compiling on first use) the shared library of a CPU spec."""
-    module = _by_spec.get(spec)
+def load(instance) -> Kernel:
+    """Load (compiling on first use) the shared library of a manifest instance of the CPU family."""
+    handle = (instance.name, str(instance.root))
+    module = _by_name.get(handle)
     if module is not None:
         return module
-    source = source_for(spec)
+    source = instance.source_path.read_text()
     compiler = find_compiler()
     if compiler is None:
         raise CompileError("no C++ compiler found (set CXX or install g++)")
     key = cache_key(source, compiler)
+    symbol = instance.entry["symbol"]
     with _lock:
         module = _loaded.get(key)
         if module is not None:
+            _by_name[handle] = module
             return module
         for attempt in range(2):
-            path = compile_source(spec.name, source, compiler)
+            path = compile_source(symbol, source, compiler)
             try:
-                module = Kernel(spec.name, path)
+                module = Kernel(symbol, path)
                 break
             except (OSError, AttributeError):
                 if attempt:
                     raise
                 log.warning("natgen: cached module %s does not load; rebuilding", path)
-                _paths(spec.name, key)[1].unlink(missing_ok=True)
+                _paths(symbol, key)[1].unlink(missing_ok=True)
         _loaded[key] = module
-        _by_spec[spec] = module
+        _by_name[handle] = module
         return module
 
 
-def build_entries(entries, jobs=None, generated_dir=GENERATED_DIR, echo=print, progress=True) -> dict:
-    """codegen.builder hook: compile manifest entries of the "cxx" toolchain into the cache."""
-    from tqdm import tqdm
+def build_entries(entries, jobs=None, generated_dir=paths.GENERATED_DIR, echo=print, progress=True) -> dict:
+    """Compile manifest entries of the "cxx" toolchain into the cache (`natgen build`)."""
+    from tqdm import tqdm  # build-time only: importing natgen never loads it
 
     compiler = find_compiler()
     if compiler is None:
@@ -239,5 +240,3 @@ def build_entries(entries, jobs=None, generated_dir=GENERATED_DIR, echo=print, p
     echo(f"CPU modules: {compiled} compiled, {len(entries) - compiled - len(failed)} cached, {len(failed)} failed")
     return {"compiled": compiled, "failed": failed}
 
-
-register_builder("cxx", build_entries)

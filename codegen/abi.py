@@ -1,0 +1,135 @@
+"""The kernel argument lists, declared once.
+
+Each ABI is an ordered list of fields. From it come the CUDA kernel signatures (`cuda_signature`), the C++
+argument struct of the CPU instances (`cpp_struct`) and the packing layout recorded in the manifest
+(`layout`), which is all the runtime reads: it packs by field name and type, never from a list of its own.
+
+Per-axis fields (`axes=True`) expand to name0, name1, name2. Short ranks are padded at the FRONT: a rank-r
+problem fills the last r axes and the leading 3 - r axes hold the field's fill value (length 1, window 1,
+...). This matches row-major flattening (a 1-D problem of length L is a 1 x 1 x L grid). Templates that
+number their axes from the first real one map them with `real_axis_field`.
+
+Adding an argument (a positional-bias tensor, a key/value head count) is one line here, one name in the
+runtime's value vocabulary (natgen.packing.VALUES) and its use in the templates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+AXES = 3
+PADDING = "front"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str            # ptr | i32 | f32 | i64 | f64
+    axes: bool = False   # one field per axis (name0..name2), front-padded with `fill`
+    fill: int = 1
+    element: str = ""    # pointers: "elem" (the instance's element type), "f32", "compute"
+    const: bool = True   # pointers: read-only input
+    doc: str = ""
+
+    def names(self) -> List[str]:
+        return [f"{self.name}{axis}" for axis in range(AXES)] if self.axes else [self.name]
+
+
+def _ptr(name, element="elem", const=True, doc=""):
+    return Field(name, "ptr", element=element, const=const, doc=doc)
+
+
+ABIS: Dict[str, Tuple[Field, ...]] = {
+    # CUDA forward: [batch, *spatial, heads, head_dim] row-major inputs; out like q with head_dim_v channels.
+    "cuda_fwd": (
+        _ptr("q"), _ptr("k"), _ptr("v"),
+        _ptr("out", const=False), _ptr("lse", element="f32", const=False, doc="natural-log LSE, float32"),
+        _ptr("extra_k"), _ptr("extra_v"),
+        Field("n_extra", "i32"), Field("heads", "i32"),
+        Field("length", "i32", axes=True), Field("kernel", "i32", axes=True),
+        Field("stride", "i32", axes=True), Field("dilation", "i32", axes=True),
+        Field("scale_log2", "f32", doc="softmax scale times log2(e): the kernels work in base 2"),
+        Field("write_lse", "i32"),
+    ),
+    # CPU forward and backward share one block of 8-byte fields (addresses as int64), passed by address.
+    "cpu": (
+        _ptr("q", "compute"), _ptr("k", "compute"), _ptr("v", "compute"),
+        _ptr("out", "compute", False), _ptr("lse", "compute", False), _ptr("extra_k", "compute"),
+        _ptr("extra_v", "compute"),
+        _ptr("grad_out", "compute"), _ptr("grad_lse", "compute"), _ptr("grad_q", "compute", False),
+        _ptr("grad_k", "compute", False), _ptr("grad_v", "compute", False),
+        _ptr("grad_extra_k", "compute", False), _ptr("grad_extra_v", "compute", False),
+        Field("batch", "i64"), Field("heads", "i64"), Field("head_dim", "i64"), Field("head_dim_v", "i64"),
+        Field("n_extra", "i64"), Field("threads", "i64"),
+        Field("length", "i64", axes=True), Field("kernel", "i64", axes=True), Field("stride", "i64", axes=True),
+        Field("dilation", "i64", axes=True), Field("causal", "i64", axes=True, fill=0),
+        Field("scale", "f64"),
+    ),
+}
+
+
+def layout(abi: str) -> List[dict]:
+    """The manifest's record of an ABI: [{name, type, fill?}] in argument order, per-axis fields expanded."""
+    fields = []
+    for field in ABIS[abi]:
+        for name in field.names():
+            record = {"name": name, "type": field.type}
+            if field.axes:
+                record["fill"] = field.fill
+            fields.append(record)
+    return fields
+
+
+def layouts() -> Dict[str, dict]:
+    return {name: {"padding": PADDING, "fields": layout(name)} for name in ABIS}
+
+
+_CUDA_SCALARS = {"i32": "int", "f32": "float", "i64": "long long", "f64": "double"}
+
+
+def cuda_signature(abi: str, ctype: str, indent: str = "    ") -> str:
+    """The parameter list of a CUDA kernel, one field group per line."""
+    lines = []
+    for field in ABIS[abi]:
+        if field.type == "ptr":
+            element = ctype if field.element == "elem" else "float"
+            lines.append(f"{'const ' if field.const else ''}{element}* __restrict__ {field.name}")
+        else:
+            lines.append(", ".join(f"{_CUDA_SCALARS[field.type]} {name}" for name in field.names()))
+    return (",\n" + indent).join(lines)
+
+
+def real_axis_field(name: str, rank: int, axis: int, fill: str = "1") -> str:
+    """The ABI field holding a template's axis `axis` (counted from the first real axis), or `fill` for the
+    template's own trailing padding (axis >= rank)."""
+    return f"{name}{AXES - rank + axis}" if axis < rank else fill
+
+
+def cpp_struct(abi: str) -> str:
+    """The C++ struct of an 8-byte-field ABI (per-axis fields as arrays of 3)."""
+    kinds = {"ptr": "int64_t", "i64": "int64_t", "f64": "double"}
+    lines = []
+    for field in ABIS[abi]:
+        if field.type not in kinds:
+            raise ValueError(f"field {field.name}: type {field.type} is not an 8-byte field")
+        decl = f"{field.name}[{AXES}]" if field.axes else field.name
+        lines.append(f"    {kinds[field.type]} {decl};")
+    count = len(layout(abi))
+    return ("struct Args {  // generated from codegen/abi.py (ABI \"" + abi + "\"); the manifest records the same layout\n"
+            + "\n".join(lines) + "\n};\n"
+            + f"constexpr int kArgFields = {count};  // every field is 8 bytes\n")
+
+
+def cuda_fwd_prologue(rank: int, ctype: str) -> str:
+    """Locals that give the forward templates their own axis numbering (real axes first, then the trailing
+    padding as constants 1) on top of the ABI's front-padded parameters."""
+    lines = [f"{ctype}* __restrict__ const o = out;"]
+    for local, field in (("len", "length"), ("kernel_arg", "kernel"), ("stride_arg", "stride"),
+                         ("dilation_arg", "dilation")):
+        terms = [f"{local}{axis} = {real_axis_field(field, rank, axis)}" for axis in range(AXES)]
+        lines.append(f"const int {', '.join(terms)};")
+    return "\n    ".join(lines)
+
+
+def field_count(abi: str) -> int:
+    return len(layout(abi))

@@ -1,0 +1,58 @@
+"""The "emulator" backend: the CUDA instance the selector picks for an arch, run on the CPU by natgen.emulator.
+
+It runs exactly the launch plan a GPU would get (natgen.launch), so it checks the generated CUDA source,
+the plan and the argument packing together. The emulator's sanitizer settings and schedule seed come from
+its own environment variables unless a seed is given here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from . import selector
+from .launch import KernelCall
+from .manifest import Instance
+from .problem import Problem
+from .registry import Backend, Resolved, register_backend
+
+DEFAULT_ARCH = "sm_80"
+
+
+def available() -> bool:
+    try:
+        from . import emulator
+        return hasattr(emulator, "launch")
+    except ImportError:
+        return False
+
+
+def emulator_launcher(instance: Instance, seed: Optional[int] = None, launch=None):
+    """launcher(plan, args) for KernelCall through the emulator (`launch` replaces emulator.launch, e.g. for a
+    dry run)."""
+    if launch is None:
+        from .emulator import launch
+    source = instance.source_path.read_text()
+    symbol = instance.entry["symbol"]
+    extra = {} if seed is None else {"seed": seed}
+
+    def run(plan, args):
+        launch(source, symbol, plan.grid, plan.block, args, shared_mem=plan.shared_mem, **extra)
+
+    return run
+
+
+class EmulatedCall(Resolved):
+    def __init__(self, problem: Problem, arch: Optional[str] = None, seed: Optional[int] = None, launch=None):
+        target = selector.Target("cuda", arch or DEFAULT_ARCH)
+        forward = selector.select("fwd", problem, target).instance
+        super().__init__("emulator", forward, None)  # no CUDA backward kernels yet: gradients take the reference
+        self.call = KernelCall(forward, problem, emulator_launcher(forward, seed, launch))
+
+    def forward(self, q, k, v, extra_k=None, extra_v=None):
+        return self.call(q, k, v, extra_k, extra_v)
+
+
+def resolve(problem: Problem, arch: Optional[str] = None) -> EmulatedCall:
+    return EmulatedCall(problem, arch)
+
+
+register_backend(Backend("emulator", "cpu", available, resolve))
