@@ -49,7 +49,9 @@ def build(filters: Optional[Sequence[str]] = None, archs: Sequence[str] = nvcc.D
     summary = {"rendered": counts, "compiled": 0, "failed": [], "skipped_toolchains": []}
     if render_only:
         return summary
-    selected = [entry for entry in manifest["instances"] if matches(entry["name"], filters)]
+    # without a filter, what the family marks for building ahead; the rest compiles on first use
+    selected = [entry for entry in manifest["instances"]
+                if (matches(entry["name"], filters) if filters else entry.get("prebuild", True))]
     if filters and not selected:
         raise RuntimeError(f"no instance matches --filter {','.join(filters)}; `natgen list` shows the names")
     by_toolchain: Dict[str, List[dict]] = {}

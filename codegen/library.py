@@ -95,6 +95,7 @@ def render_entries(specs, templates_dir: Path = render_mod.TEMPLATES_DIR, previo
             "abi": family.ABI,
             "launch": family.launch(spec),
             "cost": _family_cost(family, spec),
+            "prebuild": getattr(family, "prebuild", lambda s: True)(spec),
             "partners": {"bwd": [p.name for p in getattr(family, "partners", lambda s: [])(spec)
                                  if p.name in names]},
             "build": {},

@@ -31,6 +31,18 @@ def table(headers, rows) -> str:
     return "\n".join(lines + [fmt(row) for row in cells[1:]])
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def _dims(value) -> str:
     return value if isinstance(value, str) else "x".join(str(x) for x in value)
 
@@ -309,9 +321,23 @@ def demo(size):
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="write a bar chart PNG")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the figures as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines")
-def bench(set_names, device, peers, backward, dtype, repeats, batch, budget, plot_path, json_path, quiet):
+@click.option("--overhead", is_flag=True,
+              help="host-side microseconds per na2d call on the cpu, emulator and cuda paths (kernels replaced by "
+                   "no-ops), cold and cached")
+def bench(set_names, device, peers, backward, dtype, repeats, batch, budget, plot_path, json_path, quiet, overhead):
     """Time natgen beside reference, flex, natten and dense SDPA on the standard problem sets."""
     import torch
+    if overhead:
+        from . import overhead as overhead_mod
+        rows = overhead_mod.run()
+        click.echo(f"na2d host overhead per call (1x56x56, 4 heads, head_dim 32, K=7; torch {torch.__version__}; "
+                   f"{_cpu_name()}):")
+        click.echo(table(["path", "cold us", "cached us", "calls"],
+                         [(r["path"], f"{r['cold_us']:.0f}", f"{r['cached_us']:.1f}", r["calls"]) for r in rows]))
+        if json_path:
+            with open(json_path, "w") as handle:
+                json.dump(rows, handle, indent=1)
+        return
 
     from . import bench as bench_mod
     if device is None:

@@ -76,18 +76,18 @@ _SCALARS = {"i32": np.int32, "f32": np.float32, "i64": np.int64, "f64": np.float
 
 
 def cupy_launcher(function, plan: Plan, stream_of):
-    """launcher(plan, args) for KernelCall: scalars converted once, tensor addresses per call. `function` is
-    a CuPy RawKernel, or for a dry run any callable with its signature (nothing runs)."""
+    """launcher(tensors) for KernelCall: scalars converted once, tensor addresses per call. `function` is a
+    CuPy RawKernel, or for a dry run any callable with its signature (nothing runs)."""
     converted = [None if kind == "ptr" else _SCALARS[kind](value)
                  for kind, value in zip(plan.scalar_types, plan.template)]
-    pointer_positions = [position for position, _ in plan.pointers]
+    positions = [position for position, _ in plan.pointers]
     grid, block, shared_mem = plan.grid, plan.block, plan.shared_mem
     uint64 = np.uint64
 
-    def launch(_plan, args):
-        values = list(converted)
-        for position in pointer_positions:
-            values[position] = uint64(args[position].data_ptr())
+    def launch(tensors):
+        values = converted[:]
+        for position, tensor in zip(positions, tensors):
+            values[position] = uint64(tensor.data_ptr())
         function(grid, block, tuple(values), shared_mem=shared_mem, stream=stream_of())
 
     return launch
@@ -112,11 +112,9 @@ class CudaCall(Resolved):
             def stream_of():
                 return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device_index)
 
-        self.call = KernelCall(forward, problem, None)
+        self.call = KernelCall(forward, problem)
         self.call.launcher = cupy_launcher(function, self.call.plan, stream_of)
-
-    def forward(self, q, k, v, extra_k=None, extra_v=None):
-        return self.call(q, k, v, extra_k, extra_v)
+        self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
 
 
 def target_for(device: torch.device) -> selector.Target:

@@ -25,30 +25,29 @@ def available() -> bool:
         return False
 
 
-def emulator_launcher(instance: Instance, seed: Optional[int] = None, launch=None):
-    """launcher(plan, args) for KernelCall through the emulator (`launch` replaces emulator.launch, e.g. for a
-    dry run)."""
-    if launch is None:
-        from .emulator import launch
+def emulator_launcher(instance: Instance, plan, seed: Optional[int] = None):
+    """launcher(tensors) for KernelCall through the emulator (natgen.emulator.launch as it is when resolved)."""
+    from . import emulator
+    launch = emulator.launch
     source = instance.source_path.read_text()
     symbol = instance.entry["symbol"]
     extra = {} if seed is None else {"seed": seed}
+    grid, block, shared_mem, bind = plan.grid, plan.block, plan.shared_mem, plan.bind
 
-    def run(plan, args):
-        launch(source, symbol, plan.grid, plan.block, args, shared_mem=plan.shared_mem, **extra)
+    def run(tensors):
+        launch(source, symbol, grid, block, bind(tensors), shared_mem=shared_mem, **extra)
 
     return run
 
 
 class EmulatedCall(Resolved):
-    def __init__(self, problem: Problem, arch: Optional[str] = None, seed: Optional[int] = None, launch=None):
+    def __init__(self, problem: Problem, arch: Optional[str] = None, seed: Optional[int] = None):
         target = selector.Target("cuda", arch or DEFAULT_ARCH)
         forward = selector.select("fwd", problem, target).instance
         super().__init__("emulator", forward, None)  # no CUDA backward kernels yet: gradients take the reference
-        self.call = KernelCall(forward, problem, emulator_launcher(forward, seed, launch))
-
-    def forward(self, q, k, v, extra_k=None, extra_v=None):
-        return self.call(q, k, v, extra_k, extra_v)
+        self.call = KernelCall(forward, problem)
+        self.call.launcher = emulator_launcher(forward, self.call.plan, seed)
+        self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
 
 
 def resolve(problem: Problem, arch: Optional[str] = None) -> EmulatedCall:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -26,11 +26,11 @@ class Plan:
     pointers: List[Tuple[int, str]]    # (position, field name) of each pointer argument
     scalar_types: List[str]            # ABI type of every argument, in order
 
-    def bind(self, tensors: Dict[str, torch.Tensor]) -> List[object]:
-        """The argument list with tensors at the pointer positions (CuPy / the emulator take them so)."""
+    def bind(self, tensors) -> List[object]:
+        """The argument list with the tensors (in pointer order) at the pointer positions."""
         args = list(self.template)
-        for position, name in self.pointers:
-            args[position] = tensors[name]
+        for (position, _), tensor in zip(self.pointers, tensors):
+            args[position] = tensor
         return args
 
 
@@ -67,34 +67,39 @@ def plan(instance: Instance, problem: Problem) -> Plan:
                 template, pointers, list(layout.types))
 
 
-def allocate(problem: Problem, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(q.shape[:-1] + (problem.head_dim_v,), dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    return out, lse
 
 
-def placeholder(q: torch.Tensor) -> torch.Tensor:
-    # a one-element stand-in keeps every pointer valid; n_extra=0 means it is never read
-    return torch.zeros(1, dtype=q.dtype, device=q.device)
+# the tensors a forward call provides, by ABI field name
+FORWARD_TENSORS = ("q", "k", "v", "out", "lse", "extra_k", "extra_v")
 
 
 class KernelCall:
     """A resolved call of one CUDA instance on one problem: the plan and a launcher, made once.
 
-    `launcher(plan, args)` runs the bound argument list (CuPy on a GPU, the emulator on the CPU, or nothing
-    for a dry run); a call allocates the outputs, binds the addresses and launches."""
+    `launcher(tensors)` runs with the pointer arguments in the layout's order (CuPy on a GPU, the emulator
+    on the CPU, or nothing for a dry run); a call allocates the outputs and hands over the tensors."""
 
-    def __init__(self, instance: Instance, problem: Problem, launcher):
+    def __init__(self, instance: Instance, problem: Problem, launcher=None):
         self.instance, self.problem, self.launcher = instance, problem, launcher
         self.plan = plan(instance, problem)
+        names = [name for _, name in self.plan.pointers]
+        unknown = sorted(set(names) - set(FORWARD_TENSORS))
+        if unknown:
+            raise RuntimeError(f"{instance.name}: pointer arguments {unknown} are unknown to this natgen's forward")
+        order = [FORWARD_TENSORS.index(name) for name in names]
+        self.order = None if order == list(range(len(FORWARD_TENSORS))) else order
         self.out_shape = (problem.batch, *problem.spatial, problem.heads, problem.head_dim_v)
+        self.lse_shape = self.out_shape[:-1]
+        self.dtype, self.device = problem.dtype, problem.device
+        self.placeholder = torch.zeros(1, dtype=problem.dtype, device=problem.device)  # never read: n_extra = 0
 
     def __call__(self, q, k, v, extra_k=None, extra_v=None):
-        out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(self.out_shape[:-1], dtype=torch.float32, device=q.device)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
         if extra_k is None:
-            extra_k = extra_v = placeholder(q)
-        args = self.plan.bind({"q": q, "k": k, "v": v, "out": out, "lse": lse, "extra_k": extra_k,
-                               "extra_v": extra_v})
-        self.launcher(self.plan, args)
+            extra_k = extra_v = self.placeholder
+        tensors = (q, k, v, out, lse, extra_k, extra_v)
+        if self.order is not None:
+            tensors = tuple(tensors[i] for i in self.order)
+        self.launcher(tensors)
         return out, lse

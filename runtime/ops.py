@@ -42,10 +42,13 @@ def _frozen(value):
     return tuple(value) if type(value) is list else value
 
 
+_SCALAR_TYPES = frozenset((int, bool, float, str, type(None)))
+
+
 def _call_key(rank, tensors, arguments):
     """The call's facts, or None (the full path then runs, with its errors): each tensor's shape, dtype and
     device (plain tensors only; None for absent extra tokens), and each argument with its type (True and 1
-    stay apart, as do 7 and 7.0)."""
+    stay apart, as do 7 and 7.0, and a list from a tuple)."""
     facts = [rank]
     for tensor in tensors:
         if tensor is None:
@@ -54,12 +57,10 @@ def _call_key(rank, tensors, arguments):
             return None
         else:
             facts += (tensor.shape, tensor.dtype, tensor.device)
-    key = (*facts, *map(_frozen, arguments), *map(_kinds, arguments))
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    kinds = tuple(map(type, arguments))
+    if _SCALAR_TYPES.issuperset(kinds):  # the common case: every argument a plain scalar
+        return (*facts, *arguments, *kinds)
+    return (*facts, *map(_frozen, arguments), *map(_kinds, arguments))
 
 
 def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
@@ -67,7 +68,10 @@ def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, s
     """(problem, Resolved) for a call, from the cache when it was resolved before."""
     key = _call_key(rank, (q, k, v, additional_keys, additional_values),
                     (kernel_size, stride, dilation, is_causal, scale, backend, arch))
-    entry = _CALLS.get(key) if key is not None else None
+    try:
+        entry = _CALLS.get(key) if key is not None else None
+    except TypeError:  # an unhashable argument: the full path reports what is wrong with it
+        entry = key = None
     if entry is None:
         _check_arch(arch)
         problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
@@ -133,23 +137,20 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
     reasons = selector.not_supported_reasons(instance, problem, selector.Target("cuda", arch), instance.spec.op)
     if reasons:
         raise ValueError(f"instance {name} cannot run this problem: {'; '.join(reasons)}")
+    if via not in ("emulator", "cuda"):
+        raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
+    call = KernelCall(instance, problem)
     if via == "emulator":
         from .emulated import emulator_launcher
-        launcher = emulator_launcher(instance, seed)
-    elif via == "cuda":
+        call.launcher = emulator_launcher(instance, call.plan, seed)
+    else:
+        import cupy
         from . import cuda
         device = q.device
         index = device.index if device.index is not None else torch.cuda.current_device()
         function = cuda._function(instance, cuda.device_arch(device), index)
-        launcher = None
-    else:
-        raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
-    call = KernelCall(instance, problem, launcher)
-    if via == "cuda":
-        import cupy
-        dev = torch.device("cuda", index)
         call.launcher = cuda.cupy_launcher(function, call.plan, lambda: cupy.cuda.ExternalStream(
-            torch.cuda.current_stream(dev).cuda_stream, index))
+            torch.cuda.current_stream(device).cuda_stream, index))
     tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
     return call(*tensors)
 

@@ -1,5 +1,5 @@
 """Generated CPU kernels (shared libraries called through ctypes) against the independent float64 oracle: forward, gradients,
-gradcheck, errors, on-demand compilation and the compile cache.
+gradcheck, errors, first-use compilation and the compile cache.
 
 Every spec the sweep needs is compiled once up front, in parallel, into the normal cache (so a second run
 takes seconds); the cache tests use a private cache directory.
@@ -20,7 +20,7 @@ import torch
 
 import natgen
 from natgen import cpu
-from natgen.codegen import cpu_build
+from natgen import cxx as cpu_build
 from natgen.problem import make_problem
 from oracle import assert_close_by_rule, assert_grads_close_by_rule
 
@@ -54,7 +54,7 @@ class Case:
 
 
 # Causal masks the sweep may draw per rank: the library's all-False / all-True plus one mixed mask per rank
-# (compiled on demand), so the sweep compiles a bounded set of modules.
+# (a K=any library instance each), so the sweep compiles a bounded set of modules.
 CAUSAL_CHOICES = {1: [(False,), (True,)], 2: [(False, False), (True, True), (True, False)],
                   3: [(False, False, False), (True, True, True), (False, True, False)]}
 
@@ -62,7 +62,7 @@ CAUSAL_CHOICES = {1: [(False,), (True,)], 2: [(False, False), (True, True), (Tru
 def _random_case(rng: random.Random, dtype: str) -> Case:
     rank = rng.choice([1, 2, 2, 3])
     causal = rng.choice(CAUSAL_CHOICES[rank])
-    if dtype == "f64":  # f64 causal modules are on-demand: keep the f64 sweep on the library ones
+    if dtype == "f64":  # keep the f64 sweep to the non-causal modules (fewer compiles)
         causal = (False,) * rank
     spatial, kernel, stride, dilation = [], [], [], []
     for _ in range(rank):
@@ -103,7 +103,7 @@ SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0
                      Case(2, (51, 16), (5, 5), (1, 1), (2, 1), (False, False), 0, "f32", 32, 32, heads=4)]
 # what the random sweep does not reach: windows longer than one vector along the last axis (several
 # segments per row, causal there too), head_dim_v over 64 (P.V in several register blocks), batch > 1,
-# and a mixed rank-3 causal mask (on demand); then several full 8-query lane groups per tile on the last axis
+# and a mixed rank-3 causal mask; then several full 8-query lane groups per tile on the last axis
 # (interior groups whose windows shift with the lane, border groups whose clamped windows do not, strided
 # groups, a partial group), with head dims that are no multiple of the vector width
 EDGE_CASES = [Case(1, (40,), (13,), (3,), (2,), (False,), 2, "f32", 8, 72, batch=2),
@@ -137,18 +137,19 @@ def _params(case: Case, ek=None, ev=None):
 
 def _specs(case: Case):
     q, k, v, ek, ev = _tensors(case)
-    instance = cpu.choose(make_problem(case.rank, q, k, v, case.kernel, case.stride, case.dilation,
-                                       case.causal, None, ek, ev))
-    return [replace(instance.spec, op="fwd"), replace(instance.spec, op="bwd")]
+    problem = make_problem(case.rank, q, k, v, case.kernel, case.stride, case.dilation, case.causal, None, ek, ev)
+    return [cpu.choose(problem, "fwd"), cpu.choose(problem, "bwd")]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compiled_modules():
     """Compile every module the tests below use, two at a time (a cold cache costs ~2 minutes on 2 cores)."""
-    specs = {spec for case in FORWARD_CASES + GRAD_CASES + SPECIALIZED_CASES + EDGE_CASES for spec in _specs(case)}
+    instances = {i.name: i for case in FORWARD_CASES + GRAD_CASES + SPECIALIZED_CASES + EDGE_CASES
+                 for i in _specs(case)}
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        list(pool.map(lambda s: cpu_build.compile_source(s.name, cpu_build.source_for(s)), sorted(specs, key=str)))
-    return specs
+        list(pool.map(lambda i: cpu_build.compile_source(i.name, i.source_path.read_text()),
+                      [instances[name] for name in sorted(instances)]))
+    return instances
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES + SPECIALIZED_CASES + EDGE_CASES, ids=str)
@@ -241,12 +242,12 @@ def test_bad_shapes_raise_value_error():
 # ------------------------------------------------------------------------------------------- cache
 _FIRST_USE = textwrap.dedent("""
     import json, logging, sys, torch, natgen
-    from natgen.codegen import cpu_build
+    from natgen import cxx as cpu_build
     from natgen.problem import make_problem
     from natgen.reference import na_reference
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 9, 7, 2, 6, generator=g) for _ in range(3))
-    # a mixed per-dim causal mask with dilation: not in the default library, so compiled on demand
+    # a mixed per-dim causal mask with dilation: a K=any library instance, compiled on first use
     args = ((3, 2), 1, (1, 2), (False, True))
     out = natgen.na2d(q, k, v, *args, backend="cpu")
     ref = na_reference(q, k, v, make_problem(2, q, k, v, *args))
@@ -267,7 +268,7 @@ def _result(process):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_on_demand_compile_is_shared_by_concurrent_processes_and_reused(tmp_path):
+def test_first_use_compile_is_shared_by_concurrent_processes_and_reused(tmp_path):
     first, second = _run_first_use(tmp_path), _run_first_use(tmp_path)  # both start on a cold cache
     results = [_result(first), _result(second)]
     assert all(r["close"] for r in results)

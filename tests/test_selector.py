@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from natgen import selector
+from natgen import cost, selector
 from natgen.cli import main
 from natgen.codegen.families import REGISTRY, tcg, tcs
 from natgen.manifest import load
@@ -14,8 +14,8 @@ from natgen.problem import make_problem
 
 pytestmark = pytest.mark.codegen
 
-fast = tcg.computed_keys_per_useful_key
-brute = tcg._computed_keys_per_useful_key_brute
+fast = cost.computed_keys_per_useful_key
+brute = cost._computed_keys_per_useful_key_brute
 
 # (tile, spatial, kernel_size, causal): borders wider than the interior, partial last tiles, K even and odd,
 # K = 1 and K = L, causal per dim, and tiles other than the shipped ones (warps still sub-boxes).
@@ -96,8 +96,8 @@ def instance(family, rank, **spec):
 def test_problem_waste_uses_group_lengths_and_causal_flags():
     inst = instance("tcg", 2)
     p = problem((57, 40), (7, 5), dilation=(2, 3), causal=(True, False))
-    assert tcg.problem_waste(inst.spec, p) == fast(inst.spec.tile, (29, 14), (7, 5), (True, False))
-    assert REGISTRY["tcs"].problem_waste is tcg.problem_waste
+    assert cost.waste(inst, p) == fast(inst.spec.tile, (29, 14), (7, 5), (True, False))
+    assert REGISTRY["tcs"].COST["waste"] == REGISTRY["tcg"].COST["waste"] == inst.entry["cost"]["waste"]
 
 
 def test_selector_cost_of_generic_instance_tracks_kernel_size():
@@ -105,8 +105,8 @@ def test_selector_cost_of_generic_instance_tracks_kernel_size():
     small, large = problem((1024,), 3), problem((1024,), 63)
     cost_small, details_small = selector.static_cost(inst, small, target)
     cost_large, details_large = selector.static_cost(inst, large, target)
-    assert details_small["computed_keys_per_useful_key"] == round(tcg.problem_waste(inst.spec, small), 3)
-    assert details_large["computed_keys_per_useful_key"] == round(tcg.problem_waste(inst.spec, large), 3)
+    assert details_small["computed_keys_per_useful_key"] == round(cost.waste(inst, small), 3)
+    assert details_large["computed_keys_per_useful_key"] == round(cost.waste(inst, large), 3)
     # a 3-key window fills little of the 16-key chunks a warp computes; a 63-key one most of them
     assert details_small["computed_keys_per_useful_key"] > 2 * details_large["computed_keys_per_useful_key"]
     assert cost_small > cost_large
@@ -122,7 +122,7 @@ def test_selector_figure_of_specialized_instance_follows_the_shape():
 
 def test_explain_reports_the_figure_for_the_problem():
     inst = instance("tcg", 1)
-    figure = round(tcg.problem_waste(inst.spec, problem((1024,), 63)), 3)
+    figure = round(cost.waste(inst, problem((1024,), 63)), 3)
     assert figure != round(inst.launch["computed_keys_per_useful_key"], 3)  # not the reference's figure
     result = CliRunner().invoke(main, ["explain", "--rank", "1", "--shape", "1024", "--kernel-size", "63",
                                        "--dtype", "fp16", "--head-dim", "32"], catch_exceptions=False)

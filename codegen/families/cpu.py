@@ -72,6 +72,14 @@ def launch(spec: KernelSpec) -> dict:
     }
 
 
+def prebuild(spec: KernelSpec) -> bool:
+    """Whether `natgen build` compiles the instance by default. Mixed per-dim causal masks and causal f64 (for
+    checking gradients) are rare: in the library, so every problem has a kernel, but compiled on first use."""
+    rank = spec.rank
+    mixed = tuple(spec.causal) not in ((False,) * rank, (True,) * rank)
+    return not (mixed or (spec.dtype == "f64" and any(spec.causal)))
+
+
 def cost(spec: KernelSpec) -> dict:
     return dict(COST, specialization=SPECIALIZATION) if spec.kernel_size != ANY else dict(COST)
 
