@@ -38,7 +38,7 @@ run() {
     echo '```'
 } > "$OUT"
 
-echo -e "\n### GPU sets (BENCHMARKS.md), fp16, forward" >> "$OUT"
+echo -e "\n### GPU sets, fp16, forward" >> "$OUT"
 run --device cuda --dtype fp16 --repeats "$REPEATS" "$@"
 echo -e "\n### GPU sets, bf16, forward" >> "$OUT"
 run --device cuda --dtype bf16 --repeats "$REPEATS" "$@"

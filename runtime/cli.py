@@ -306,7 +306,7 @@ def demo(size):
 
 @main.command()
 @click.option("--set", "set_names", multiple=True, metavar="NAME",
-              help="problem set from BENCHMARKS.md (repeatable; default: cpu-2d, cpu-1d on the CPU, the GPU sets "
+              help="a standard problem set (repeatable; default: cpu-2d, cpu-1d on the CPU, the GPU sets "
                    "on cuda): nat-1d nat-2d dinat-2d nat-3d long-1d image-2d video-3d cpu-2d cpu-1d")
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
               help="default: cuda when available, else cpu")

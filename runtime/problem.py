@@ -1,7 +1,7 @@
 """One neighborhood-attention call, normalized and validated before any kernel sees it.
 
 Every backend (generated CUDA, generated CPU, the torch reference) receives a `Problem`, so the
-rules of SEMANTICS.md are checked in exactly one place and an invalid call fails with a message that
+rules of docs/semantics.md are checked in exactly one place and an invalid call fails with a message that
 names the argument, its value and the rule, instead of a crash or a silently wrong result deep inside
 a kernel.
 """
@@ -122,7 +122,7 @@ def _check_scale(scale, head_dim: int) -> float:
 
 def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                  additional_keys=None, additional_values=None) -> Problem:
-    """Normalize per-dim parameters to tuples and validate the call against SEMANTICS.md."""
+    """Normalize per-dim parameters to tuples and validate the call against docs/semantics.md."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank={rank!r} must be an int")
     if rank not in (1, 2, 3):

@@ -2,7 +2,7 @@
 against at sizes the dense float64 test oracle cannot reach.
 
 It never forms an N x N matrix. Each query's neighbors come from a gather table of shape [N, prod(K)],
-built per axis from SEMANTICS.md's 1-D rule and combined by broadcasting (the N-D window is the
+built per axis from the 1-D rule of docs/semantics.md and combined by broadcasting (the N-D window is the
 product of the per-axis windows). Queries are processed in chunks so the gathered keys and values of
 one chunk, not of the whole problem, bound the peak memory; under autograd each chunk is checkpointed
 so backward regathers instead of keeping prod(K) copies of k and v alive.
@@ -124,7 +124,7 @@ def _attend_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys, 
 
 def na_reference(q, k, v, problem: Problem, additional_keys=None, additional_values=None,
                  return_lse=False):
-    """Neighborhood attention per SEMANTICS.md with plain torch ops (differentiable in every input).
+    """Neighborhood attention per docs/semantics.md with plain torch ops (differentiable in every input).
 
     Returns out [batch, *spatial, heads, head_dim_v] in q's dtype, and with return_lse also
     lse [batch, *spatial, heads] in float32.

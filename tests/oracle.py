@@ -1,6 +1,6 @@
-"""Independent dense oracle for neighborhood attention, and the tolerance rule of SEMANTICS.md.
+"""Independent dense oracle for neighborhood attention, and the tolerance rule of docs/semantics.md.
 
-Nothing here imports natgen: the oracle is written again from SEMANTICS.md so that a misreading of the
+Nothing here imports natgen: the oracle is written again from docs/semantics.md so that a misreading of the
 contract in the package cannot hide in its own reference. It builds the full [N, N] attention mask and
 does an ordinary masked softmax, so it is only for the small problems tests use.
 """
@@ -30,7 +30,7 @@ def _per_dim(value, rank):
 
 
 def _axis_mask(L, K, S, D, causal):
-    """[L, L] bool: mask[i][j] is True iff query i sees key j along this axis (SEMANTICS.md 1-D rule)."""
+    """[L, L] bool: mask[i][j] is True iff query i sees key j along this axis (the 1-D rule of docs/semantics.md)."""
     mask = torch.zeros(L, L, dtype=torch.bool)
     for i in range(L):
         g, ii = i % D, i // D

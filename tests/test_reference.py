@@ -212,7 +212,7 @@ def test_full_kernel_is_plain_self_attention(spatial):
 
 
 def test_extra_tokens_merge_by_lse_rule():
-    """SEMANTICS.md lets backends merge extra tokens separately; the reference's lse must support that."""
+    """docs/semantics.md lets backends merge extra tokens separately; the reference's lse must support that."""
     generator = torch.Generator().manual_seed(3)
     q, k, v = (random_tensor((2, 10, 9, 2, 8), torch.float64, generator) for _ in range(3))
     extra_keys, extra_values = (random_tensor((2, 5, 2, 8), torch.float64, generator)
