@@ -108,12 +108,21 @@ class CpuCall(Resolved):
         super().__init__("cpu", forward, backward)
         self.problem = problem
         self.dtype = compute_dtype(problem.dtype)
-        self.module = cxx.load(forward)
         self.blocks = _Blocks(Layout(forward.layout, forward.name), problem)
-        self._backward_module = None
+        self._module = self._backward_module = None
         self.out_shape = (problem.batch, *problem.spatial, problem.heads, problem.head_dim_v)
-        self.fast = self._fast_runner() if self.dtype == problem.dtype == torch.float32 and not problem.n_extra \
-            else None
+        if self.dtype == problem.dtype == torch.float32 and not problem.n_extra:
+            self.fast = self._first_fast  # the module loads (compiling on first use) at the first call
+
+    @property
+    def module(self):
+        if self._module is None:
+            self._module = cxx.load(self.instance)
+        return self._module
+
+    def _first_fast(self, q, k, v):
+        self.fast = self._fast_runner()
+        return self.fast(q, k, v) if self.fast is not None else None
 
     def _fast_runner(self):
         """(q, k, v) -> (out, lse) for float32 calls without extra tokens, or None for tensors it cannot

@@ -152,7 +152,7 @@ def family_instance(c: Case, problem, target):
     from natgen import selector
     from natgen.manifest import load
     family = [i for i in load() if i.spec.family == c.family]
-    ranked = [r for r in selector.rank_instances(problem, target, family) if r.supported]
+    ranked = [r for r in selector.rank_instances("fwd", problem, target, family) if r.supported]
     assert ranked, f"no {c.family} instance supports {c.id}"
     return ranked[0].instance
 
@@ -163,7 +163,6 @@ def run_case(c: Case, backend: str, public: bool = False):
     public=False launches the family's best instance through the runtime's launch plan; public=True asserts
     that natgen.choose picks the case's family and runs through natgen.naXd (only for `selected` cases)."""
     import natgen
-    from natgen import launch as launch_mod
     from natgen import selector
     from natgen.problem import make_problem
 
@@ -187,16 +186,8 @@ def run_case(c: Case, backend: str, public: bool = False):
         else:
             target = selector.Target("cuda", "sm_80")
         instance = family_instance(c, problem, target)
-        buffers = launch_mod.allocate(problem, dq, dk, dv, dek, dev)
-        plan = launch_mod.plan(instance, problem, buffers)
+        out, lse = natgen.ops.run_instance(instance.name, c.rank, dq, dk, dv, via=backend, **kw)
         if backend == "cuda":
-            from natgen import cuda
-            cuda.run(instance, plan, dq.device)
             torch.cuda.synchronize()
-        else:
-            from natgen import emulator
-            emulator.launch(instance.source_path.read_text(), instance.entry["symbol"], plan.grid, plan.block,
-                            plan.args, shared_mem=plan.shared_mem)
-        out, lse = buffers.out, buffers.lse
     assert_close_by_rule(out.cpu(), q, k, v, lse=lse.cpu(), **params(c, extra_k, extra_v))
     assert math.isfinite(lse.float().abs().max().item())
