@@ -7,7 +7,7 @@ a pybind11 extension per instance: pybind11's headers alone cost ~5 s of the ~8.
 interface needs none of pybind11's type conversions. It also makes modules independent of the Python ABI.
 
 Cache: $NATGEN_CACHE_DIR or ~/.cache/natgen, under cpu/<key[:2]>/<name>-<key[:16]>.so, where key =
-sha256(source, natgen_cpu.h, compiler identity, flags). A module is written to
+sha256(source, the CPU headers (families/cpu.py HEADERS), compiler identity, flags). A module is written to
 a unique temp file and os.replace()d into place (readers never see half a file) while a per-key file lock
 makes a second process wait for the first compile instead of repeating it. Each module has a JSON sidecar
 with the sha256 of its bytes: a module whose bytes do not match (truncated, corrupted) is ignored and rebuilt.

@@ -67,7 +67,7 @@ def test_render_is_deterministic_and_complete(name):
 def test_args_layout_matches_the_header():
     """runtime/cpu.py packs natgen::Args as int64 fields in ARG_FIELDS order."""
     from natgen import cpu
-    header = (render_mod.TEMPLATES_DIR / "natgen_cpu.h").read_text()
+    header = (render_mod.TEMPLATES_DIR / "natgen_cpu_args.h").read_text()
     body = re.search(r"struct Args \{(.*?)\};", header, re.S).group(1)
     fields = []
     for decl in re.findall(r"(int64_t|double)\s+([^;]+);", body):
@@ -77,3 +77,18 @@ def test_args_layout_matches_the_header():
             fields += [f"{match[1]}{i}" for i in range(int(match[2]))] if match else [item]
     assert tuple(fields) == cpu.ARG_FIELDS
     assert len(fields) == cpu_family.ARG_FIELD_COUNT
+
+
+def test_cache_key_hashes_every_header_an_instance_includes():
+    """cpu_build's cache key hashes the headers in HEADERS: one missing there would let a module built
+    against its old text be reused after it changed."""
+    include = re.compile(r'#include "([^"]+)"')
+    pending = include.findall((render_mod.TEMPLATES_DIR / cpu_family.TEMPLATE).read_text())
+    seen = set()
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            pending += include.findall((render_mod.TEMPLATES_DIR / name).read_text())
+    assert seen == set(cpu_family.HEADERS)
+    assert len(cpu_family.HEADERS) == len(seen)  # each once

@@ -17,7 +17,8 @@ FAMILY = "cpu"
 TEMPLATE = "cpu_na.cpp.j2"
 TOOLCHAIN = "cxx"
 SOURCE_SUFFIX = ".cpp"
-HEADERS = ("natgen_cpu.h",)
+HEADERS = ("natgen_cpu.h", "natgen_cpu_target.h", "natgen_cpu_args.h", "natgen_cpu_simd.h", "natgen_cpu_plan.h",
+           "natgen_cpu_lanes.h", "natgen_cpu_fwd.h", "natgen_cpu_bwd.h", "natgen_cpu_driver.h")
 
 OPS = ("fwd", "bwd")
 # Query tile (group-local coordinates) per rank: 64 queries whose key union, at K=7, is ~3x the tile, so a
