@@ -256,6 +256,7 @@ template <typename T> struct Scratch {
 };
 
 // ------------------------------------------------------------------------------------- tiles
+// One tile of work: batch, head, and per axis its dilation group and the tile's index in that group.
 struct TileRef {
     int64_t b, h;
     const AxisGroup* ax[3];

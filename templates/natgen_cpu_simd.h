@@ -1,5 +1,6 @@
 // natgen CPU kernels: vector math. 32-byte GCC vectors (VecTraits), unaligned loads and stores, in-register
-// transposes between rows and lanes, exp / exp2 / log2 at full vector width, horizontal max and sum.
+// transposes between rows and lanes, exp / exp2 / log2 (f32 at full vector width, f64 lane by lane through
+// libm), horizontal max and sum.
 #pragma once
 
 #include <algorithm>
