@@ -91,6 +91,7 @@ def render_entries(specs, templates_dir: Path = render_mod.TEMPLATES_DIR, previo
             "source_sha256": render_mod.sha256_text(text),
             "template_sha256": render_mod.template_hash(family.TEMPLATE, str(templates_dir)),
             "headers_sha256": headers,
+            "headers": list(family.HEADERS),
             "op": spec.op,
             "abi": family.ABI,
             "launch": family.launch(spec),

@@ -9,26 +9,11 @@ import time
 import click
 
 from .codegen.space import enumerate_space, matches, split_filters
+from .table import table
 
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float32": "float32", "fp16": "float16", "f16": "float16",
                  "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
                  "fp64": "float64", "f64": "float64", "float64": "float64"}
-
-
-def table(headers, rows) -> str:
-    """A plain aligned text table (numbers right-aligned)."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def fmt(row):
-        out = []
-        for i, cell in enumerate(row):
-            numeric = cell.replace(".", "", 1).replace("x", "").replace("-", "").isdigit()
-            out.append(cell.rjust(widths[i]) if numeric and i else cell.ljust(widths[i]))
-        return "  ".join(out).rstrip()
-
-    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + [fmt(row) for row in cells[1:]])
 
 
 def _cpu_name() -> str:

@@ -38,7 +38,7 @@ from typing import Optional
 from . import paths
 from .files import atomic_write
 
-log = logging.getLogger("natgen.cpu_build")
+log = logging.getLogger("natgen.cxx")
 
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno",
          "-Wno-psabi", "-DNDEBUG")
@@ -82,19 +82,15 @@ def _include_dirs():
     return (str(paths.TEMPLATES_DIR),)
 
 
-def headers() -> tuple:
-    """Every header the generated CPU sources may include (all of them change what a compile produces)."""
-    return tuple(sorted(path.name for path in paths.TEMPLATES_DIR.glob("natgen_cpu*.h")))
-
-
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _headers_bytes(names: tuple) -> bytes:
     return b"".join(name.encode() + b"\0" + (paths.TEMPLATES_DIR / name).read_bytes() for name in names)
 
 
-def cache_key(source: str, compiler: str) -> str:
+def cache_key(source: str, compiler: str, headers: tuple = ()) -> str:
+    """sha256 of the source, the headers it includes (the manifest entry's "headers"), compiler, flags."""
     digest = hashlib.sha256()
-    for part in (source.encode(), _headers_bytes(headers()), compiler_identity(compiler).encode(),
+    for part in (source.encode(), _headers_bytes(tuple(headers)), compiler_identity(compiler).encode(),
                  " ".join(FLAGS).encode()):
         digest.update(part + b"\0")
     return digest.hexdigest()
@@ -118,13 +114,14 @@ def _valid(module_path: Path, sidecar: Path, key: str) -> bool:
         return False
 
 
-def compile_source(name: str, source: str, compiler: Optional[str] = None) -> Path:
-    """Path of the compiled module for `source` (compiling it unless a valid cached copy exists)."""
+def compile_source(name: str, source: str, compiler: Optional[str] = None, headers: tuple = ()) -> Path:
+    """Path of the compiled module for `source` (compiling it unless a valid cached copy exists); `headers`
+    are the natgen headers it includes (part of the cache key)."""
     global COMPILES
     compiler = compiler or find_compiler()
     if compiler is None:
         raise CompileError("no C++ compiler found (set CXX or install g++)")
-    key = cache_key(source, compiler)
+    key = cache_key(source, compiler, headers)
     module_path, sidecar, lock_path = _paths(name, key)
     if _valid(module_path, sidecar, key):
         return module_path
@@ -177,6 +174,12 @@ class Kernel:
             raise RuntimeError(f"{self.name}: the kernel raised a C++ exception (out of memory?)")
 
 
+def compile_instance(instance) -> Path:
+    """The compiled module of a manifest instance of the CPU family (compiling it unless cached)."""
+    return compile_source(instance.entry["symbol"], instance.source_path.read_text(), None,
+                          tuple(instance.entry.get("headers", ())))
+
+
 def load(instance) -> Kernel:
     """Load (compiling on first use) the shared library of a manifest instance of the CPU family."""
     handle = (instance.name, str(instance.root))
@@ -187,7 +190,8 @@ def load(instance) -> Kernel:
     compiler = find_compiler()
     if compiler is None:
         raise CompileError("no C++ compiler found (set CXX or install g++)")
-    key = cache_key(source, compiler)
+    headers = tuple(instance.entry.get("headers", ()))
+    key = cache_key(source, compiler, headers)
     symbol = instance.entry["symbol"]
     with _lock:
         module = _loaded.get(key)
@@ -195,7 +199,7 @@ def load(instance) -> Kernel:
             _by_name[handle] = module
             return module
         for attempt in range(2):
-            path = compile_source(symbol, source, compiler)
+            path = compile_source(symbol, source, compiler, headers)
             try:
                 module = Kernel(symbol, path)
                 break
@@ -224,7 +228,7 @@ def build_entries(entries, jobs=None, generated_dir=paths.GENERATED_DIR, echo=pr
 
     def work(entry):
         source = (Path(generated_dir) / entry["file"]).read_text()
-        compile_source(entry["name"], source, compiler)
+        compile_source(entry["name"], source, compiler, tuple(entry.get("headers", ())))
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(work, entry): entry["name"] for entry in entries}

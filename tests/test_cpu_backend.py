@@ -147,8 +147,7 @@ def compiled_modules():
     instances = {i.name: i for case in FORWARD_CASES + GRAD_CASES + SPECIALIZED_CASES + EDGE_CASES
                  for i in _specs(case)}
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        list(pool.map(lambda i: cpu_build.compile_source(i.name, i.source_path.read_text()),
-                      [instances[name] for name in sorted(instances)]))
+        list(pool.map(cpu_build.compile_instance, [instances[name] for name in sorted(instances)]))
     return instances
 
 

@@ -85,3 +85,18 @@ def test_args_layout_matches_the_generated_struct():
         assert fields == [f["name"] for f in layout], instance.name
         assert kinds == ["double" if f["type"] == "f64" else "int64_t" for f in layout], instance.name
     assert len(fields) == 36
+
+
+def test_cache_key_hashes_every_header_an_instance_includes():
+    """The CPU compile cache key hashes the headers the manifest entry lists (HEADERS): one missing there would let a module built
+    against its old text be reused after it changed."""
+    include = re.compile(r'#include "([^"]+)"')
+    pending = include.findall((render_mod.TEMPLATES_DIR / cpu_family.TEMPLATE).read_text())
+    seen = set()
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            pending += include.findall((render_mod.TEMPLATES_DIR / name).read_text())
+    assert seen == set(cpu_family.HEADERS)
+    assert len(cpu_family.HEADERS) == len(seen)  # each once

@@ -1,4 +1,4 @@
-"""CPU family: C++ kernels built into shared libraries (one per spec, op "fwd" or "bwd"; codegen/cpu_build.py).
+"""CPU family: C++ kernels built into shared libraries (one per spec, op "fwd" or "bwd"; natgen.cxx compiles them).
 
 Forward and backward are separate specs so the selector and manifest stay one-spec-one-kernel, and a user
 who only runs inference never compiles a backward. The spec dtype is the COMPUTE type: f32 serves
@@ -19,7 +19,8 @@ FAMILY = "cpu"
 TEMPLATE = "cpu_na.cpp.j2"
 TOOLCHAIN = "cxx"
 SOURCE_SUFFIX = ".cpp"
-HEADERS = ("natgen_cpu.h",)
+HEADERS = ("natgen_cpu.h", "natgen_cpu_target.h", "natgen_cpu_simd.h", "natgen_cpu_plan.h", "natgen_cpu_lanes.h",
+           "natgen_cpu_fwd.h", "natgen_cpu_bwd.h", "natgen_cpu_driver.h")
 ABI = "cpu"
 # the selector's inputs (natgen.cost): one CPU family, so only the specialization factor ranks instances
 COST = {"base": 1.0, "saturating_warps": 1, "waste": "exact"}

@@ -1,0 +1,614 @@
+// natgen CPU kernels: the forward (namespace fwd). Per-query kernels vectorized over keys, and the
+// specialized fixed-shape tile (FixedFwd) built once for AVX2+FMA.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "natgen_cpu_plan.h"
+#include "natgen_cpu_simd.h"
+
+namespace natgen {
+
+// ------------------------------------------------------------------------------------- forward, per query
+// The forward vectorizes over keys (the backward over queries, natgen_cpu_lanes.h): per query, its window's
+// keys along the last axis in runs of V ("segments"), scores as FMAs of one broadcast query channel against a
+// segment of transposed keys, P.V as broadcast probabilities against row-major value rows. Measured against
+// the lane scheme of the backward (on 2 AMD EPYC cores): equal in the interior (cpu-2d 0.62 ms both) and much
+// faster where windows are clamped (nat-2d, 14x14: 1.7 vs 2.7 ms), since a query computes exactly its own
+// keys; the backward keeps the lane scheme, whose per-key dK/dV accumulation is what makes it 2x faster there.
+namespace fwd {
+
+template <typename T> NATGEN_INLINE typename VecTraits<T>::itype lane_mask(int n) {
+    typedef typename VecTraits<T>::itype IVec;
+    IVec iota;
+    for (int i = 0; i < VecTraits<T>::width; ++i) iota[i] = i;
+    return iota < (IVec{} + n);
+}
+
+// out[s][0..V) = sum_d x[d] * buf[d*stride + bases[s] + 0..V): NB segments' scores kept in registers.
+template <typename T, int NB, int HD>
+NATGEN_INLINE void dot_block(const T* __restrict buf, int64_t stride, const int* __restrict bases,
+                             const T* __restrict x, int64_t n, T* __restrict out) {
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = VecTraits<T>::width;
+    Vec acc[NB];
+    for (int s = 0; s < NB; ++s) acc[s] = Vec{};
+    const int64_t count = HD ? HD : n;
+    for (int64_t d = 0; d < count; ++d) {
+        const T xd = x[d];
+        const T* row = buf + d * stride;
+        for (int s = 0; s < NB; ++s) acc[s] += xd * load<T>(row + bases[s]);
+    }
+    for (int s = 0; s < NB; ++s) store<T>(out + s * V, acc[s]);
+}
+
+template <typename T, int HD>
+NATGEN_INLINE void dot_segments(const T* buf, int64_t stride, const int* bases, int nseg, const T* x, int64_t n,
+                                T* out) {
+    constexpr int V = VecTraits<T>::width;
+    int s = 0;
+    for (; s + 8 <= nseg; s += 8) dot_block<T, 8, HD>(buf, stride, bases + s, x, n, out + s * V);
+    switch (nseg - s) {
+        case 1: dot_block<T, 1, HD>(buf, stride, bases + s, x, n, out + s * V); break;
+        case 2: dot_block<T, 2, HD>(buf, stride, bases + s, x, n, out + s * V); break;
+        case 3: dot_block<T, 3, HD>(buf, stride, bases + s, x, n, out + s * V); break;
+        case 4: dot_block<T, 4, HD>(buf, stride, bases + s, x, n, out + s * V); break;
+        case 5: dot_block<T, 5, HD>(buf, stride, bases + s, x, n, out + s * V); break;
+        case 6: dot_block<T, 6, HD>(buf, stride, bases + s, x, n, out + s * V); break;
+        case 7: dot_block<T, 7, HD>(buf, stride, bases + s, x, n, out + s * V); break;
+        default: break;
+    }
+}
+
+// acc[0..NV*V) = sum over keys of w[key] * rows[key][0..NV*V): P.V with the output row in registers.
+template <typename T, int NV>
+NATGEN_INLINE void weighted_rows_block(const T* __restrict rows, int64_t ld, const int* __restrict bases,
+                                       int nseg, const T* __restrict w, T* __restrict acc_out) {
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = VecTraits<T>::width;
+    Vec acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = Vec{};
+    for (int s = 0; s < nseg; ++s) {
+        const T* ws = w + s * V;
+        for (int l = 0; l < V; ++l) {
+            const T wl = ws[l];
+            if (wl == T(0)) continue;  // padding lanes
+            const T* row = rows + (bases[s] + l) * ld;
+            for (int j = 0; j < NV; ++j) acc[j] += wl * load<T>(row + j * V);
+        }
+    }
+    for (int j = 0; j < NV; ++j) store<T>(acc_out + j * V, acc[j]);
+}
+
+template <typename T>
+NATGEN_INLINE void weighted_rows(const T* rows, int64_t ld, const int* bases, int nseg, const T* w, int64_t nvec,
+                                 T* out) {
+    constexpr int V = VecTraits<T>::width;
+    int64_t j = 0;  // output blocks of 8, 4, then single vectors (fewer instantiations)
+    for (; j + 8 <= nvec; j += 8) weighted_rows_block<T, 8>(rows + j * V, ld, bases, nseg, w, out + j * V);
+    for (; j + 4 <= nvec; j += 4) weighted_rows_block<T, 4>(rows + j * V, ld, bases, nseg, w, out + j * V);
+    for (; j < nvec; ++j) weighted_rows_block<T, 1>(rows + j * V, ld, bases, nseg, w, out + j * V);
+}
+
+struct Geometry {
+    int64_t lo[3], extent[3], row_len, window_elems, total;
+};
+
+template <class Cfg> NATGEN_INLINE Geometry geometry(const Plan& p, const TileRef& t) {
+    constexpr int V = VecTraits<typename Cfg::T>::width;
+    Geometry g;
+    for (int d = 0; d < 3; ++d) {
+        g.lo[d] = t.ax[d]->tile_lo[t.tile[d]];
+        g.extent[d] = t.ax[d]->tile_hi_k[t.tile[d]] - g.lo[d];
+    }
+    // the last axis gets room for a full vector past any window's end (those lanes are masked)
+    g.row_len = g.extent[2] + p.chunks * V - p.K[2];
+    g.window_elems = g.extent[0] * g.extent[1] * g.row_len;
+    g.total = g.window_elems + p.extra_padded;
+    return g;
+}
+
+// Gathers the tile's key union (+ extra tokens) from [batch, tokens, heads, dim] into `dst`, either
+// transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to `padded_dim`).
+// Positions outside the axis (window slack, vector padding) read a zero row.
+template <typename T>
+NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, const T* src, const T* extra,
+                          int64_t dim, int64_t padded_dim, bool transposed, T* dst, int64_t ld,
+                          std::vector<const T*>& rows, const T* zeros) {
+    const Args& a = *p.a;
+    const int64_t heads = a.heads;
+    const int64_t base = t.b * p.tokens * heads;
+    int64_t u = 0;
+    for (int64_t u0 = 0; u0 < g.extent[0]; ++u0) {
+        const int64_t l0 = g.lo[0] + u0;
+        for (int64_t u1 = 0; u1 < g.extent[1]; ++u1) {
+            const int64_t l1 = g.lo[1] + u1;
+            for (int64_t u2 = 0; u2 < g.row_len; ++u2, ++u) {
+                const int64_t l2 = g.lo[2] + u2;
+                const bool inside = l0 < t.ax[0]->length && l1 < t.ax[1]->length && u2 < g.extent[2] &&
+                                    l2 < t.ax[2]->length;
+                if (!inside) { rows[u] = zeros; continue; }
+                const int64_t x0 = l0 * a.dilation[0] + t.ax[0]->group;
+                const int64_t x1 = l1 * a.dilation[1] + t.ax[1]->group;
+                const int64_t x2 = l2 * a.dilation[2] + t.ax[2]->group;
+                rows[u] = src + (base + ((x0 * a.length[1] + x1) * a.length[2] + x2) * heads + t.h) * dim;
+            }
+        }
+    }
+    for (int64_t e = 0; e < p.extra_padded; ++e, ++u)
+        rows[u] = e < p.n_extra ? extra + ((t.b * p.n_extra + e) * heads + t.h) * dim : zeros;
+    const int64_t n = u;
+    if (transposed) {
+        int64_t u8 = 0;
+        for (; u8 + 8 <= n; u8 += 8) {
+            if constexpr (sizeof(T) == 4) {
+                rows_to_lanes<T>(rows.data() + u8, dim, dst + u8, ld);  // 8x8 blocks transposed in registers
+            } else {
+                for (int64_t d = 0; d < dim; ++d)
+                    for (int l = 0; l < 8; ++l) dst[d * ld + u8 + l] = rows[u8 + l][d];
+            }
+        }
+        for (; u8 < n; ++u8)
+            for (int64_t d = 0; d < dim; ++d) dst[d * ld + u8] = rows[u8][d];
+    } else {
+        for (int64_t i = 0; i < n; ++i) {
+            T* out = dst + i * ld;
+            std::memcpy(out, rows[i], dim * sizeof(T));
+            for (int64_t d = dim; d < padded_dim; ++d) out[d] = T(0);
+        }
+    }
+}
+
+// Segments of one query: runs of up to V adjacent keys along the last axis, then the extra tokens.
+template <class Cfg>
+NATGEN_INLINE int query_segments(const Plan& p, const TileRef& t, const Geometry& g, const int64_t* local,
+                                 int* bases, int* valid) {
+    constexpr int V = VecTraits<typename Cfg::T>::width;
+    int64_t start[3], count[3];
+    for (int d = 0; d < 3; ++d) {
+        start[d] = t.ax[d]->start[local[d]] - g.lo[d];
+        count[d] = t.ax[d]->end[local[d]] - t.ax[d]->start[local[d]];
+    }
+    int n = 0;
+    for (int64_t a0 = 0; a0 < count[0]; ++a0) {
+        for (int64_t a1 = 0; a1 < count[1]; ++a1) {
+            const int64_t row = ((start[0] + a0) * g.extent[1] + start[1] + a1) * g.row_len + start[2];
+            for (int64_t c = 0; c < p.chunks; ++c) {
+                const int64_t left = count[2] - c * V;
+                if (left <= 0) break;
+                bases[n] = static_cast<int>(row + c * V);
+                valid[n] = static_cast<int>(std::min<int64_t>(left, V));
+                ++n;
+            }
+        }
+    }
+    for (int64_t e = 0; e < p.extra_padded; e += V) {
+        bases[n] = static_cast<int>(g.window_elems + e);
+        valid[n] = static_cast<int>(std::min<int64_t>(std::max<int64_t>(p.n_extra - e, 0), V));
+        ++n;
+    }
+    return n;
+}
+
+// Softmax over the valid slots: probs = exp(x - m) (0 on padding) with x = score * scale; returns the row
+// max m and the sum l.
+template <typename T>
+NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restrict valid, int nseg, T scale,
+                                 T* __restrict probs, T& m, T& l) {
+    typedef typename VecTraits<T>::type Vec;
+    constexpr int V = VecTraits<T>::width;
+    const T lowest = -std::numeric_limits<T>::infinity();
+    Vec vmax = Vec{} + lowest;
+    for (int s = 0; s < nseg; ++s) {
+        const Vec x = load<T>(scores + s * V) * scale;
+        const Vec masked = lane_mask<T>(valid[s]) ? x : Vec{} + lowest;
+        vmax = masked > vmax ? masked : vmax;
+    }
+    T row_max = lowest;
+    for (int i = 0; i < V; ++i) row_max = std::max(row_max, vmax[i]);
+    Vec vsum = Vec{};
+    for (int s = 0; s < nseg; ++s) {
+        const Vec e = exp_vec(load<T>(scores + s * V) * scale - row_max);
+        const Vec pe = lane_mask<T>(valid[s]) ? e : Vec{};
+        store<T>(probs + s * V, pe);
+        vsum += pe;
+    }
+    T sum = 0;
+    for (int i = 0; i < V; ++i) sum += vsum[i];
+    m = row_max;
+    l = sum;
+}
+
+// ---- The specialized forward (FixedFwd: constant K and head_dim, no causal axis, no extra tokens). Same
+// algorithm as forward_tile below, but the tile's union is gathered at fixed strides, so every key and value
+// a query reads lies at a compile-time offset from its window corner: one pointer, immediate displacements,
+// unrolled channel loops (the runtime-offset version spent its hot loop reloading spilled offsets).
+
+// kt[d * KEYS + slot] (keys transposed) and vu[slot * HD + d] (values row-major) for the union slots
+// slot = (u0 * ROWS1 + u1) * ROWLEN + u2. Key columns past the union read zeros; slots no query reads keep
+// whatever an earlier tile left (only masked score lanes read them; values there are never read).
+template <class Cfg>
+NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry& g, typename Cfg::T* __restrict kt,
+                                typename Cfg::T* __restrict vu, const typename Cfg::T* zeros) {
+    typedef typename Cfg::T T;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    const Args& a = *p.a;
+    const T* k = reinterpret_cast<const T*>(a.k);
+    const T* v = reinterpret_cast<const T*>(a.v);
+    const int64_t heads = a.heads, step = a.dilation[2] * heads;
+    const int64_t first2 = g.lo[2] * a.dilation[2] + t.ax[2]->group;
+    const int64_t cols = g.extent[2];
+    const T* rows[F::ROWLEN];
+    for (int64_t u2 = cols; u2 < F::ROWLEN; ++u2) rows[u2] = zeros;
+    for (int64_t u0 = 0; u0 < g.extent[0]; ++u0) {
+        const int64_t x0 = (g.lo[0] + u0) * a.dilation[0] + t.ax[0]->group;
+        for (int64_t u1 = 0; u1 < g.extent[1]; ++u1) {
+            const int64_t x1 = (g.lo[1] + u1) * a.dilation[1] + t.ax[1]->group;
+            const int64_t first = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + first2) * heads + t.h;
+            const int64_t slot = u0 * F::PLANE + u1 * F::ROWLEN;
+            for (int64_t u2 = 0; u2 < cols; ++u2) {
+                const int64_t row = (first + u2 * step) * F::HD;
+                rows[u2] = k + row;
+                std::memcpy(vu + (slot + u2) * F::HD, v + row, F::HD * sizeof(T));
+            }
+            for (int64_t c = 0; c < cols; c += V) rows_to_lanes<T>(rows + c, F::HD, kt + slot + c, F::KEYS);
+        }
+    }
+}
+
+// Scores of window rows [R0, K1) of one window plane, in blocks of up to 12 accumulators held in registers.
+// (Two accumulator sets over even / odd channels, against FMA latency, measured slower: 0.93 vs 1.00 ms.)
+template <class Cfg, int R0>
+NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
+                                  typename Cfg::T* __restrict sc) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NB = std::min(std::max(1, 12 / F::CH), F::K1 - R0);
+    Vec acc[NB * F::CH];
+    for (int i = 0; i < NB * F::CH; ++i) acc[i] = Vec{};
+#pragma GCC unroll 4
+    for (int d = 0; d < F::HD; ++d) {
+        const T xd = x[d];  // a scalar times a vector: one broadcast load
+        const T* row = kb + d * F::KEYS + R0 * F::ROWLEN;
+#pragma GCC unroll 64
+        for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 16
+            for (int c = 0; c < F::CH; ++c) acc[r * F::CH + c] += xd * load<T>(row + r * F::ROWLEN + c * V);
+    }
+    for (int i = 0; i < NB * F::CH; ++i) store<T>(sc + (R0 * F::CH + i) * V, acc[i]);
+    if constexpr (R0 + NB < F::K1) fixed_dot_rows<Cfg, R0 + NB>(kb, x, sc);
+}
+
+// P.V of one query for output vectors [J0, HD / V), in blocks of up to 4 accumulators; padding lanes are
+// skipped at compile time. (Accumulator sets taking turns over the keys measured slower.)
+template <class Cfg, int J0>
+NATGEN_INLINE void fixed_pv(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pr,
+                            typename Cfg::T* __restrict o, typename Cfg::T inv) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NVB = std::min(4, F::HD / V - J0);
+    Vec acc[NVB];
+    for (int j = 0; j < NVB; ++j) acc[j] = Vec{};
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        for (int a1 = 0; a1 < F::K1; ++a1) {
+            const T* vr = vb + (a0 * F::PLANE + a1 * F::ROWLEN) * F::HD + J0 * V;
+            const T* w = pr + (a0 * F::K1 + a1) * F::CH * V;
+#pragma GCC unroll 64
+            for (int n = 0; n < F::K2; ++n) {
+                const T wl = w[n];
+#pragma GCC unroll 8
+                for (int j = 0; j < NVB; ++j) acc[j] += wl * load<T>(vr + n * F::HD + j * V);
+            }
+        }
+    for (int j = 0; j < NVB; ++j) store<T>(o + (J0 + j) * V, acc[j] * inv);
+    if constexpr (J0 + NVB < F::HD / V) fixed_pv<Cfg, J0 + NVB>(vb, pr, o, inv);
+}
+
+// P.V of two queries side by side on the last axis (B = A's neighbour), whose windows are the same rows
+// shifted by DELTA (1 in the interior, 0 where B's window is clamped onto A's): each value row is loaded once
+// for both. Within a window row, key n of A is value slot n and key n - DELTA of B.
+template <class Cfg, int NVB, int DELTA>
+NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typename Cfg::T* __restrict wa,
+                                 const typename Cfg::T* __restrict wb, typename VecTraits<typename Cfg::T>::type* acc_a,
+                                 typename VecTraits<typename Cfg::T>::type* acc_b) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+#pragma GCC unroll 64
+    for (int n = 0; n < F::K2 + DELTA; ++n) {
+        const T* vp = vr + n * F::HD;
+        if (n < F::K2 && n >= DELTA) {
+            const T xa = wa[n], xb = wb[n - DELTA];
+#pragma GCC unroll 8
+            for (int j = 0; j < NVB; ++j) {
+                Vec vv = load<T>(vp + j * V);
+                NATGEN_PIN(vv);
+                acc_a[j] += xa * vv;
+                acc_b[j] += xb * vv;
+            }
+        } else if (n < F::K2) {
+            const T xa = wa[n];
+#pragma GCC unroll 8
+            for (int j = 0; j < NVB; ++j) acc_a[j] += xa * load<T>(vp + j * V);
+        } else {
+            const T xb = wb[n - DELTA];
+#pragma GCC unroll 8
+            for (int j = 0; j < NVB; ++j) acc_b[j] += xb * load<T>(vp + j * V);
+        }
+    }
+}
+
+template <class Cfg, int J0, int DELTA>
+NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pa,
+                             const typename Cfg::T* __restrict pb, typename Cfg::T* __restrict oa,
+                             typename Cfg::T* __restrict ob, typename Cfg::T inv_a, typename Cfg::T inv_b) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NVB = std::min(4, F::HD / V - J0);
+    Vec acc_a[NVB], acc_b[NVB];
+    for (int j = 0; j < NVB; ++j) acc_a[j] = acc_b[j] = Vec{};
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        for (int a1 = 0; a1 < F::K1; ++a1) {
+            const int64_t w = (a0 * F::K1 + a1) * F::CH * V;
+            fixed_pv2_row<Cfg, NVB, DELTA>(vb + (a0 * F::PLANE + a1 * F::ROWLEN) * F::HD + J0 * V, pa + w, pb + w,
+                                           acc_a, acc_b);
+        }
+    for (int j = 0; j < NVB; ++j) {
+        store<T>(oa + (J0 + j) * V, acc_a[j] * inv_a);
+        store<T>(ob + (J0 + j) * V, acc_b[j] * inv_b);
+    }
+    if constexpr (J0 + NVB < F::HD / V) fixed_pv2<Cfg, J0 + NVB, DELTA>(vb, pa, pb, oa, ob, inv_a, inv_b);
+}
+
+// Scores of two queries stacked on axis 1 (B below A), rows [U0, K1 + DV) of their window union in one plane:
+// B's window is A's shifted down by DV rows (1 in the interior, 0 where B's window is clamped onto A's), so
+// each key vector is loaded once for both: 2 FMAs a load where one query alone does 1 (and twice the
+// independent accumulator chains against FMA latency).
+template <class Cfg, int DV, int U0>
+NATGEN_INLINE void fixed_dot_rows2(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict xa,
+                                   const typename Cfg::T* __restrict xb, typename Cfg::T* __restrict sca,
+                                   typename Cfg::T* __restrict scb) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    constexpr int NU = F::K1 + DV;
+    constexpr int NB = std::min(std::max(1, 4 / F::CH), NU - U0);  // 8 spilled
+    Vec acc_a[NB * F::CH], acc_b[NB * F::CH];
+    for (int i = 0; i < NB * F::CH; ++i) acc_a[i] = acc_b[i] = Vec{};
+#pragma GCC unroll 4
+    for (int d = 0; d < F::HD; ++d) {
+        const T ad = xa[d], bd = xb[d];
+        const T* row = kb + d * F::KEYS + U0 * F::ROWLEN;
+#pragma GCC unroll 64
+        for (int u = 0; u < NB; ++u)
+#pragma GCC unroll 16
+            for (int c = 0; c < F::CH; ++c) {
+                const Vec kv = load<T>(row + u * F::ROWLEN + c * V);
+                if (U0 + u < F::K1) acc_a[u * F::CH + c] += ad * kv;
+                if (U0 + u >= DV) acc_b[u * F::CH + c] += bd * kv;
+            }
+    }
+#pragma GCC unroll 64
+    for (int u = 0; u < NB; ++u)
+#pragma GCC unroll 16
+        for (int c = 0; c < F::CH; ++c) {
+            if (U0 + u < F::K1) store<T>(sca + ((U0 + u) * F::CH + c) * V, acc_a[u * F::CH + c]);
+            if (U0 + u >= DV) store<T>(scb + ((U0 + u - DV) * F::CH + c) * V, acc_b[u * F::CH + c]);
+        }
+    if constexpr (U0 + NB < NU) fixed_dot_rows2<Cfg, DV, U0 + NB>(kb, xa, xb, sca, scb);
+}
+
+// Softmax of one query's scores: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2;
+// returns m2 and the sum l. The scaled scores stay in registers (the exponent's argument is one FMA).
+template <class Cfg>
+NATGEN_INLINE void fixed_probs(const typename Cfg::T* __restrict sc, typename Cfg::T scale2,
+                               typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    const T lowest = -std::numeric_limits<T>::infinity();
+    const auto last = lane_mask<T>(F::LAST);
+    Vec vmax = Vec{} + lowest;
+    for (int r = 0; r < F::ROWS; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < F::CH; ++c) {
+            Vec y = load<T>(sc + (r * F::CH + c) * V) * scale2;
+            if (c == F::CH - 1 && F::LAST < V) y = last ? y : Vec{} + lowest;
+            vmax = y > vmax ? y : vmax;
+        }
+    m2 = hmax(vmax);
+    const T minus_m2 = -m2;
+    Vec vsum = Vec{};
+    for (int r = 0; r < F::ROWS; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < F::CH; ++c) {
+            Vec e = exp2_vec(load<T>(sc + (r * F::CH + c) * V) * scale2 + minus_m2);
+            if (c == F::CH - 1 && F::LAST < V) e = last ? e : Vec{};
+            store<T>(pr + (r * F::CH + c) * V, e);
+            vsum += e;
+        }
+    l = hsum(vsum);
+}
+
+// Scores and softmax of one query (sc: NSEG vectors of scratch).
+template <class Cfg>
+NATGEN_INLINE void fixed_softmax(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
+                                 typename Cfg::T scale2, typename Cfg::T* __restrict sc,
+                                 typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
+    typedef FixedFwd<Cfg> F;
+    for (int a0 = 0; a0 < F::K0; ++a0) fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * F::V);
+    fixed_probs<Cfg>(sc, scale2, pr, m2, l);
+}
+
+// The same for two queries stacked on axis 1 (see fixed_dot_rows2; sc: 2 * NSEG vectors of scratch).
+template <class Cfg, int DV>
+NATGEN_FIXED_TARGET void fixed_softmax2(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict xa,
+                                  const typename Cfg::T* __restrict xb, typename Cfg::T scale2,
+                                  typename Cfg::T* __restrict sc, typename Cfg::T* __restrict pra,
+                                  typename Cfg::T* __restrict prb, typename Cfg::T* m2, typename Cfg::T* l) {
+    typedef FixedFwd<Cfg> F;
+    constexpr int NS = F::NSEG * F::V;
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        fixed_dot_rows2<Cfg, DV, 0>(kb + a0 * F::PLANE, xa, xb, sc + a0 * F::K1 * F::CH * F::V,
+                                    sc + NS + a0 * F::K1 * F::CH * F::V);
+    fixed_probs<Cfg>(sc, scale2, pra, m2[0], l[0]);
+    fixed_probs<Cfg>(sc + NS, scale2, prb, m2[1], l[1]);
+}
+
+template <class Cfg>
+NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef typename VecTraits<T>::itype IVec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    const Args& a = *p.a;
+    const T* q = reinterpret_cast<const T*>(a.q);
+    T* out = reinterpret_cast<T*>(a.out);
+    T* lse = reinterpret_cast<T*>(a.lse);
+    const Geometry g = geometry<Cfg>(p, t);
+    T* kt = line_aligned(s.kt.data());
+    T* vu = line_aligned(s.vu.data());
+    fixed_gather<Cfg>(p, t, g, kt, vu, s.zeros.data());
+    T* sc = s.scores.data();
+    T* pr = s.probs.data();
+    const T scale2 = static_cast<T>(a.scale * 1.4426950408889634);  // log2(e)
+    constexpr int ROW_SLOTS = (Cfg::TILE[2] + V - 1) / V * V;
+    constexpr int NS = F::NSEG * V;
+    alignas(64) T row_m2[2][ROW_SLOTS], row_l[2][ROW_SLOTS];
+    for (int i = 0; i < ROW_SLOTS; ++i) row_m2[0][i] = row_l[0][i] = row_m2[1][i] = row_l[1][i] = T(1);
+    int64_t lo[3], hi[3];
+    for (int d = 0; d < 3; ++d) {
+        lo[d] = int64_t(t.tile[d]) * p.tile[d];
+        hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
+    }
+    const int64_t step2 = a.dilation[2] * a.heads;
+    // queries in 2 x 2 blocks (two rows of axis 1, two neighbours on the last axis): scores of the two queries
+    // stacked on axis 1 together (fixed_softmax2), P.V of the two side by side on the last axis together
+    for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
+    for (int64_t l1 = lo[1]; l1 < hi[1]; l1 += 2) {
+        const int nr = l1 + 1 < hi[1] ? 2 : 1;
+        const int64_t x0 = l0 * a.dilation[0] + t.ax[0]->group;
+        int64_t corner01[2], row01[2];
+        for (int i = 0; i < nr; ++i) {
+            const int64_t x1 = (l1 + i) * a.dilation[1] + t.ax[1]->group;
+            corner01[i] = ((t.ax[0]->start[l0] - g.lo[0]) * F::ROWS1 + t.ax[1]->start[l1 + i] - g.lo[1]) * F::ROWLEN -
+                          g.lo[2];
+            row01[i] = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + t.ax[2]->group) * a.heads + t.h;
+        }
+        const int64_t dv = nr == 2 ? (corner01[1] - corner01[0]) / F::ROWLEN : -1;
+        for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += 2) {
+            const int n = l2 + 1 < hi[2] ? 2 : 1;
+            int64_t row[2][2], corner[2][2];
+            T inv[2][2];
+            for (int k = 0; k < n; ++k) {
+                const int64_t slot = l2 + k - lo[2];
+                for (int i = 0; i < nr; ++i) {
+                    row[i][k] = row01[i] + (l2 + k) * step2;
+                    corner[i][k] = corner01[i] + t.ax[2]->start[l2 + k];
+                }
+                T m2[2], l[2];
+                if (dv == 1)
+                    fixed_softmax2<Cfg, 1>(kt + corner[0][k], q + row[0][k] * F::HD, q + row[1][k] * F::HD, scale2, sc,
+                                           pr + k * NS, pr + (2 + k) * NS, m2, l);
+                else if (dv == 0)
+                    fixed_softmax2<Cfg, 0>(kt + corner[0][k], q + row[0][k] * F::HD, q + row[1][k] * F::HD, scale2, sc,
+                                           pr + k * NS, pr + (2 + k) * NS, m2, l);
+                else
+                    for (int i = 0; i < nr; ++i)
+                        fixed_softmax<Cfg>(kt + corner[i][k], q + row[i][k] * F::HD, scale2, sc, pr + (2 * i + k) * NS,
+                                           m2[i], l[i]);
+                for (int i = 0; i < nr; ++i) {
+                    inv[i][k] = T(1) / l[i];
+                    row_m2[i][slot] = m2[i];
+                    row_l[i][slot] = l[i];
+                }
+            }
+            for (int i = 0; i < nr; ++i) {
+                const T* pa = pr + 2 * i * NS;
+                const int64_t delta = n == 2 ? corner[i][1] - corner[i][0] : -1;
+                if (delta == 1)
+                    fixed_pv2<Cfg, 0, 1>(vu + corner[i][0] * F::HD, pa, pa + NS, out + row[i][0] * F::HD,
+                                         out + row[i][1] * F::HD, inv[i][0], inv[i][1]);
+                else if (delta == 0)
+                    fixed_pv2<Cfg, 0, 0>(vu + corner[i][0] * F::HD, pa, pa + NS, out + row[i][0] * F::HD,
+                                         out + row[i][1] * F::HD, inv[i][0], inv[i][1]);
+                else
+                    for (int k = 0; k < n; ++k)
+                        fixed_pv<Cfg, 0>(vu + corner[i][k] * F::HD, pa + k * NS, out + row[i][k] * F::HD, inv[i][k]);
+            }
+        }
+        // log-sum-exp of the rows' queries, V at a time: ln2 * (m2 + log2(l))
+        if (lse)
+            for (int i = 0; i < nr; ++i)
+                for (int64_t c = 0; c < hi[2] - lo[2]; c += V) {
+                    const Vec y = (load<T>(row_m2[i] + c) + log2_vec(load<T>(row_l[i] + c))) * T(0.6931471805599453);
+                    for (int j = 0; j < V && c + j < hi[2] - lo[2]; ++j)
+                        lse[row01[i] + (lo[2] + c + j) * step2] = y[j];
+                }
+    }
+}
+
+template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
+    if constexpr (FixedFwd<Cfg>::enabled) {
+        if (p.fixed && NATGEN_FIXED_ISA()) {
+            fixed_tile<Cfg>(p, t, s);
+            return;
+        }
+    }
+    typedef typename Cfg::T T;
+    constexpr int V = VecTraits<T>::width;
+    const Args& a = *p.a;
+    const T* q = reinterpret_cast<const T*>(a.q);
+    T* out = reinterpret_cast<T*>(a.out);
+    T* lse = reinterpret_cast<T*>(a.lse);
+    const Geometry g = geometry<Cfg>(p, t);
+    gather<T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, p.hd, true,
+              s.kt.data(), g.total, s.rows, s.zeros.data());
+    gather<T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv,
+              p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.rows, s.zeros.data());
+    const T scale = static_cast<T>(a.scale);
+    int64_t lo[3], hi[3], local[3];
+    for (int d = 0; d < 3; ++d) {
+        lo[d] = int64_t(t.tile[d]) * p.tile[d];
+        hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
+    }
+    for (local[0] = lo[0]; local[0] < hi[0]; ++local[0])
+    for (local[1] = lo[1]; local[1] < hi[1]; ++local[1])
+    for (local[2] = lo[2]; local[2] < hi[2]; ++local[2]) {
+        const int64_t x0 = local[0] * a.dilation[0] + t.ax[0]->group;
+        const int64_t x1 = local[1] * a.dilation[1] + t.ax[1]->group;
+        const int64_t x2 = local[2] * a.dilation[2] + t.ax[2]->group;
+        const int64_t row = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + x2) * a.heads + t.h;
+        const int nseg = query_segments<Cfg>(p, t, g, local, s.bases.data(), s.valid.data());
+        dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, q + row * p.hd, p.hd,
+                                 s.scores.data());
+        T m, l;
+        softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
+        weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,
+                         s.acc.data());
+        const T inv = T(1) / l;
+        T* o = out + row * p.hdv;
+        for (int64_t d = 0; d < p.hdv; ++d) o[d] = s.acc[d] * inv;
+        if (lse) lse[row] = m + std::log(l);
+    }
+}
+
+}  // namespace fwd
+
+}  // namespace natgen

@@ -1,0 +1,266 @@
+// natgen CPU kernels: the work plan. Config (an instance's compile-time facts), the window rule in
+// group-local coordinates, per-axis dilation groups with every query's window and every tile's key union,
+// the specialized forward's fixed layout, the per-thread scratch buffers sized from the plan, TileRef.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <new>
+#include <utility>
+#include <vector>
+
+#include "natgen_cpu_simd.h"
+// natgen::Args comes from the including instance (generated from codegen/abi.py), before any natgen header
+
+namespace natgen {
+
+// The per-axis window rule (natgen.window.window_1d, runtime/window.py) in group-local coordinates (ii = i // D,
+// group length Lg).
+NATGEN_INLINE void window_1d(int64_t ii, int64_t Lg, int64_t K, int64_t S, bool causal, int64_t& start,
+                             int64_t& end) {
+    const int64_t left = K / 2, right = K / 2 + (K % 2) - 1;
+    if (!causal) {
+        const int64_t c = std::min((ii / S) * S + S / 2, Lg - 1);
+        start = std::max<int64_t>(c - left, 0);
+        if (c + right >= Lg) start += Lg - right - c - 1;
+        end = start + K;
+    } else {
+        const int64_t c = std::min((ii / S) * S + S - 1, Lg - 1);
+        start = std::max<int64_t>(c - left - right, 0);
+        end = std::min(ii + 1, Lg);
+    }
+}
+
+// Compile-time facts of one instance; 0 means "runtime value" (the spec said "any").
+template <typename T_, int K0_, int K1_, int K2_, int HD_, bool C0_, bool C1_, bool C2_, int T0_, int T1_,
+          int T2_>
+struct Config {
+    typedef T_ T;
+    static constexpr int K[3] = {K0_, K1_, K2_};
+    static constexpr int HD = HD_;  // head_dim of q/k and of v (specialized instances need them equal)
+    static constexpr bool C[3] = {C0_, C1_, C2_};
+    static constexpr int TILE[3] = {T0_, T1_, T2_};
+};
+
+// Compile-time layout of the specialized forward (namespace fwd, fixed_tile): constant K and head_dim,
+// no causal axis. The tile's key union is gathered at fixed strides (ROWS0 x ROWS1 union rows of ROWLEN
+// columns), so every key a query reads sits at a compile-time offset from the query's window corner: the
+// inner loops address keys and values with one pointer and immediate displacements.
+template <class Cfg> struct FixedFwd {
+    typedef typename Cfg::T T;
+    static constexpr int V = VecTraits<T>::width;
+    static constexpr bool enabled = Cfg::K[0] > 0 && Cfg::K[1] > 0 && Cfg::K[2] > 0 && Cfg::HD > 0 &&
+                                    Cfg::HD % V == 0 && !Cfg::C[0] && !Cfg::C[1] && !Cfg::C[2];
+    static constexpr int K0 = enabled ? Cfg::K[0] : 1, K1 = enabled ? Cfg::K[1] : 1, K2 = enabled ? Cfg::K[2] : 1;
+    static constexpr int HD = enabled ? Cfg::HD : V;
+    static constexpr int CH = (K2 + V - 1) / V;        // key vectors per window row
+    static constexpr int LAST = K2 - (CH - 1) * V;     // real keys in a row's last vector
+    // 2-D instances (one tile row on axis 0) may run tiles of up to GROW x TILE[1] rows on axis 1 (make_plan
+    // picks the factor): a taller tile gathers fewer keys per query (cpu-2d: 0.317 -> 0.299 ms, 8 -> 32 rows).
+    static constexpr int GROW = Cfg::TILE[0] == 1 && Cfg::TILE[1] > 1 ? 4 : 1;
+    static constexpr int ROWS0 = Cfg::TILE[0] + K0 - 1, ROWS1 = Cfg::TILE[1] * GROW + K1 - 1;
+    static constexpr int ROWLEN = (Cfg::TILE[2] + CH * V - 1 + V - 1) / V * V;
+    static constexpr int PLANE = ROWS1 * ROWLEN;
+    static constexpr int KEYS = ROWS0 * PLANE;         // key slots of a tile: the channel stride of kt
+    static constexpr int ROWS = K0 * K1;               // window rows of a query
+    static constexpr int NSEG = ROWS * CH;
+};
+
+// Per axis, per dilation group: every query's window and every tile's key union (group-local coordinates).
+struct AxisGroup {
+    int64_t group, length;
+    std::vector<int64_t> start, end;         // per local query
+    std::vector<int64_t> tile_lo, tile_hi;   // per tile: key union [lo, hi) (hi may pass `length`: zeros)
+    std::vector<int64_t> tile_hi_k;          // per tile: max(start + K): the forward reads whole windows
+};
+
+struct Plan {
+    const Args* a;
+    int64_t K[3], tile[3], tokens, hd, hdv, n_extra;
+    std::vector<AxisGroup> axes[3];
+    std::vector<std::pair<int, int>> items[3];  // (group index, tile index) per axis
+    int64_t max_union[3];
+    int64_t dims;              // max(hd, hdv): channels per union row block in the gather buffers
+    int64_t gather_capacity;   // elements of a gather buffer (union rows x dims x padded row stride)
+    int64_t key_capacity;      // key positions of the backward's key-grad buffers (union + extras)
+    int64_t max_rows, max_cols;
+    // per-query forward (namespace fwd): key vectors of `chunks` x V slots per window row
+    int64_t fwd_union[3], chunks, extra_padded, hdv_padded, fwd_capacity, max_segments;
+    bool fixed;                // the specialized forward's fixed layout serves this problem (FixedFwd)
+    int64_t fixed_keys;        // its key slots per tile (0 when it does not)
+};
+
+// Tiles of `tile` queries over the dilation groups of axis d.
+inline int64_t tiles_on_axis(const Args& a, int d, int64_t tile) {
+    int64_t n = 0;
+    for (int64_t g = 0; g < std::min(a.dilation[d], a.length[d]); ++g) {
+        const int64_t length = a.length[d] / a.dilation[d] + (g < a.length[d] % a.dilation[d] ? 1 : 0);
+        n += (length + tile - 1) / tile;
+    }
+    return n;
+}
+
+template <class Cfg> Plan make_plan(const Args& a, bool forward) {
+    typedef typename Cfg::T T;
+    constexpr int V = VecTraits<T>::width;
+    Plan p;
+    p.a = &a;
+    p.tokens = a.length[0] * a.length[1] * a.length[2];
+    p.hd = a.head_dim;
+    p.hdv = a.head_dim_v;
+    p.n_extra = a.n_extra;
+    for (int d = 0; d < 3; ++d) p.tile[d] = std::min<int64_t>(Cfg::TILE[d], a.length[d]);
+    if (forward && FixedFwd<Cfg>::enabled) {
+        // the tallest tile (FixedFwd::GROW) that still leaves the threads 4 units each
+        const int64_t others = a.batch * a.heads * tiles_on_axis(a, 0, p.tile[0]) * tiles_on_axis(a, 2, p.tile[2]);
+        for (int64_t grow = FixedFwd<Cfg>::GROW; grow > 1; grow /= 2)
+            if (others * tiles_on_axis(a, 1, Cfg::TILE[1] * grow) >= 4 * a.threads) {
+                p.tile[1] = std::min<int64_t>(Cfg::TILE[1] * grow, a.length[1]);
+                break;
+            }
+    }
+    // 2-D backward: tiles 4x taller on axis 1 (its unit is a whole dilation group, so a taller tile costs no
+    // parallelism): fewer gathers and key-grad flushes a query (cpu-2d 0.99 -> 0.94 ms, 14x14 x 16 heads
+    // x batch 4 4.98 -> 4.50 ms)
+    if (!forward && Cfg::TILE[0] == 1 && Cfg::TILE[1] > 1)
+        p.tile[1] = std::min<int64_t>(Cfg::TILE[1] * 4, a.length[1]);
+    for (int d = 0; d < 3; ++d) {
+        p.K[d] = Cfg::K[d] ? Cfg::K[d] : a.kernel[d];
+        p.max_union[d] = 1;
+        p.fwd_union[d] = 1;
+        for (int64_t g = 0; g < std::min(a.dilation[d], a.length[d]); ++g) {
+            AxisGroup ax;
+            ax.group = g;
+            ax.length = a.length[d] / a.dilation[d] + (g < a.length[d] % a.dilation[d] ? 1 : 0);
+            ax.start.resize(ax.length);
+            ax.end.resize(ax.length);
+            for (int64_t i = 0; i < ax.length; ++i)
+                window_1d(i, ax.length, p.K[d], a.stride[d], Cfg::C[d], ax.start[i], ax.end[i]);
+            for (int64_t t0 = 0; t0 < ax.length; t0 += p.tile[d]) {
+                int64_t lo = ax.start[t0], hi = 0, hi_k = 0;
+                for (int64_t i = t0; i < std::min(t0 + p.tile[d], ax.length); ++i) {
+                    lo = std::min(lo, ax.start[i]);
+                    hi = std::max(hi, ax.end[i]);
+                    hi_k = std::max(hi_k, ax.start[i] + p.K[d]);
+                }
+                ax.tile_hi_k.push_back(hi_k);
+                p.fwd_union[d] = std::max(p.fwd_union[d], hi_k - lo);
+                p.items[d].emplace_back(static_cast<int>(p.axes[d].size()), static_cast<int>(ax.tile_lo.size()));
+                ax.tile_lo.push_back(lo);
+                ax.tile_hi.push_back(hi);
+                p.max_union[d] = std::max(p.max_union[d], hi - lo);
+            }
+            p.axes[d].push_back(std::move(ax));
+        }
+    }
+    constexpr int64_t line = 64 / sizeof(T);
+    const int64_t rs = (p.max_union[2] + 2 * (V - 1) + line - 1) / line * line;
+    p.dims = std::max(p.hd, p.hdv);
+    p.gather_capacity = p.max_union[0] * p.max_union[1] * p.dims * rs;
+    p.key_capacity = p.max_union[0] * p.max_union[1] * rs + p.n_extra;
+    p.max_rows = p.K[0] * p.K[1];
+    p.max_cols = p.max_union[2] + V;
+    p.chunks = (p.K[2] + V - 1) / V;
+    p.extra_padded = (p.n_extra + V - 1) / V * V;
+    p.hdv_padded = (p.hdv + V - 1) / V * V;
+    p.fwd_capacity = p.fwd_union[0] * p.fwd_union[1] * (p.fwd_union[2] + p.chunks * V - p.K[2]) + p.extra_padded;
+    p.max_segments = p.K[0] * p.K[1] * p.chunks + p.extra_padded / V;
+    typedef FixedFwd<Cfg> F;
+    // strided problems can have wider key unions than TILE + K - 1 (tiles that split a stride group)
+    p.fixed = F::enabled && p.n_extra == 0 && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
+              p.fwd_union[1] <= F::ROWS1 && p.fwd_union[2] + F::CH * V - F::K2 <= F::ROWLEN;
+    p.fixed_keys = p.fixed ? F::KEYS : 0;
+    return p;
+}
+
+// Buffers of the per-query forward (namespace fwd, natgen_cpu_fwd.h).
+template <typename T> struct FwdScratch {
+    std::vector<T> kt, vu, scores, probs, acc;
+    std::vector<int> bases, valid;  // per segment: its first key, its real keys (lanes [0, valid))
+    std::vector<T> zeros;
+    std::vector<const T*> rows;
+    int64_t sized_for[5] = {-1, -1, -1, -1, -1};  // the capacities below were last sized for
+    void reserve(const Plan& p) {
+        constexpr int V = VecTraits<T>::width;
+        const int64_t n = p.fwd_capacity;
+        const int64_t facts[5] = {n, p.hd, p.hdv_padded, p.fixed_keys, p.max_segments};
+        if (std::equal(facts, facts + 5, sized_for)) return;  // the same shapes as the last call on this thread
+        std::copy(facts, facts + 5, sized_for);
+        kt.assign(std::max(p.hd * n, p.hd * p.fixed_keys) + 64 / sizeof(T), T(0));  // + room to align
+        vu.assign(std::max(p.hdv_padded * n, p.hdv * p.fixed_keys) + 64 / sizeof(T), T(0));
+        acc.assign(p.hdv_padded + V, T(0));
+        scores.assign(2 * p.max_segments * V, T(0));  // the fixed forward's query pairs
+        probs.assign(4 * p.max_segments * V, T(0));   // and its 2 x 2 query blocks
+        valid.assign(p.max_segments, 0);
+        bases.assign(p.max_segments, 0);
+        zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
+        rows.assign(n, nullptr);
+    }
+};
+
+// Cache-line aligned storage for the backward's buffers: union rows (strides of whole lines) then start on a
+// line, so interior lane loads never straddle one, and no vector of a lane buffer does (malloc aligns to 16).
+template <typename T> struct LineAlloc {
+    typedef T value_type;
+    LineAlloc() = default;
+    template <class U> LineAlloc(const LineAlloc<U>&) {}
+    T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U> bool operator==(const LineAlloc<U>&) const { return true; }
+    template <class U> bool operator!=(const LineAlloc<U>&) const { return false; }
+};
+template <typename T> using LineVec = std::vector<T, LineAlloc<T>>;
+
+// Thread-private buffers, sized once per thread for the largest tile. Lane buffers hold V queries side by
+// side: x[channel * V + lane].
+template <typename T> struct Scratch {
+    LineVec<T> kt, vt, ekt, evt;             // key / value unions ([row][channel][column]), extras [channel][e]
+    LineVec<T> dkr, dvr;                     // backward: key grads per union position, row-major
+    LineVec<T> qt, dot, ot;                  // lane buffers: queries, output cotangents, outputs / dq
+    LineVec<T> xr;                           // backward, fixed shape: q and dO rows of a lane group [2][V][dims]
+    LineVec<T> sc, pr, dp;                   // per (window row, column) and extra token: one vector of lanes
+    std::vector<char> colmask;               // per column: an itype vector of the lanes whose window contains it
+    std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
+    std::vector<T> zeros, sink;
+    std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
+    FwdScratch<T> fwd;
+    void reserve(const Plan& p, bool backward) {
+        constexpr int V = VecTraits<T>::width;
+        if (!backward) {
+            fwd.reserve(p);
+            return;
+        }
+        const int64_t dims = p.dims;
+        kt.assign(p.gather_capacity, T(0));
+        vt.assign(p.gather_capacity, T(0));
+        ekt.assign(p.hd * p.n_extra, T(0));
+        evt.assign(p.hdv * p.n_extra, T(0));
+        if (backward) {
+            dkr.assign(p.hd * p.key_capacity, T(0));
+            dvr.assign(p.hdv * p.key_capacity, T(0));
+        }
+        qt.assign(dims * V, T(0));
+        dot.assign(dims * V, T(0));
+        ot.assign(dims * V, T(0));
+        xr.assign(2 * V * dims, T(0));
+        const int64_t vectors = p.max_rows * p.max_cols + p.n_extra;
+        sc.assign(vectors * V, T(0));
+        pr.assign(vectors * V, T(0));
+        dp.assign(vectors * V, T(0));
+        colmask.assign(p.max_cols * sizeof(typename VecTraits<T>::itype), 0);
+        row_off.assign(p.max_rows, 0);
+        key_off.assign(p.max_rows, 0);
+        zeros.assign(dims + V, T(0));
+        sink.assign(dims + V, T(0));
+    }
+};
+
+// ------------------------------------------------------------------------------------- tiles
+// One tile of work: batch, head, and per axis its dilation group and the tile's index in that group.
+struct TileRef {
+    int64_t b, h;
+    const AxisGroup* ax[3];
+    int tile[3];
+};
+
+}  // namespace natgen

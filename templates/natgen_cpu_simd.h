@@ -1,0 +1,210 @@
+// natgen CPU kernels: vector math. 32-byte GCC vectors (VecTraits), unaligned loads and stores, in-register
+// transposes between rows and lanes, exp / exp2 / log2 (f32 at full vector width, f64 lane by lane through
+// libm), horizontal max and sum.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "natgen_cpu_target.h"
+
+namespace natgen {
+
+template <typename T> struct VecTraits;
+template <> struct VecTraits<float> {
+    typedef float type __attribute__((vector_size(32)));
+    typedef int32_t itype __attribute__((vector_size(32)));
+    static constexpr int width = 8;
+};
+template <> struct VecTraits<double> {
+    typedef double type __attribute__((vector_size(32)));
+    typedef int64_t itype __attribute__((vector_size(32)));
+    static constexpr int width = 4;
+};
+
+// p rounded up to a cache line (buffers allocated with a line of slack)
+template <typename T> NATGEN_INLINE T* line_aligned(T* p) {
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+template <typename T> NATGEN_INLINE typename VecTraits<T>::type load(const T* p) {
+    typename VecTraits<T>::type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+template <typename T> NATGEN_INLINE void store(T* p, typename VecTraits<T>::type v) {
+    std::memcpy(p, &v, sizeof(v));
+}
+
+// ------------------------------------------------------------------------------------- transposes
+// In-register transpose of an 8x8 float block: x[l] (row l) -> x[j] (column j).
+NATGEN_INLINE void transpose8(VecTraits<float>::type* x) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    Vec y[8];
+    for (int l = 0; l < 8; l += 2) {  // unpacklo / unpackhi
+        y[l] = __builtin_shuffle(x[l], x[l + 1], IVec{0, 8, 1, 9, 4, 12, 5, 13});
+        y[l + 1] = __builtin_shuffle(x[l], x[l + 1], IVec{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int l = 0; l < 8; l += 4) {  // 64-bit pairs
+        for (int k = 0; k < 2; ++k) {
+            x[l + k] = __builtin_shuffle(y[l + k], y[l + k + 2], IVec{0, 1, 8, 9, 4, 5, 12, 13});
+            x[l + k + 2] = __builtin_shuffle(y[l + k], y[l + k + 2], IVec{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    }
+    // x[0] = rows 0-3 channels {0, 4}, x[2] = {1, 5}, x[1] = {2, 6}, x[3] = {3, 7}; x[4..8) rows 4-7 likewise
+    const int order[4] = {0, 2, 1, 3};
+    for (int j = 0; j < 4; ++j) {
+        const Vec a = x[order[j]], b = x[4 + order[j]];
+        y[j] = __builtin_shuffle(a, b, IVec{0, 1, 2, 3, 8, 9, 10, 11});
+        y[j + 4] = __builtin_shuffle(a, b, IVec{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+    for (int j = 0; j < 8; ++j) x[j] = y[j];
+}
+
+// dst[d * ld + j] = r[j][d] for d < n, j < V: V rows side by side (a lane buffer when ld = V).
+template <typename T>
+NATGEN_INLINE void rows_to_lanes(const T* const* r, int64_t n, T* __restrict dst, int64_t ld) {
+    constexpr int V = VecTraits<T>::width;
+    int64_t d = 0;
+    if constexpr (sizeof(T) == 4) {
+        typedef typename VecTraits<T>::type Vec;
+        for (; d + 8 <= n; d += 8) {
+            Vec x[8];
+            for (int l = 0; l < 8; ++l) x[l] = load<T>(r[l] + d);
+            transpose8(x);
+            for (int j = 0; j < 8; ++j) store<T>(dst + (d + j) * ld, x[j]);
+        }
+    }
+    for (; d < n; ++d)
+        for (int j = 0; j < V; ++j) dst[d * ld + j] = r[j][d];
+}
+
+// r[j][d] = src[d * V + j] for d < n, j < V (the inverse of rows_to_lanes).
+template <typename T>
+NATGEN_INLINE void lanes_to_rows(const T* __restrict src, int64_t n, T* const* r) {
+    constexpr int V = VecTraits<T>::width;
+    int64_t d = 0;
+    if constexpr (sizeof(T) == 4) {
+        typedef typename VecTraits<T>::type Vec;
+        for (; d + 8 <= n; d += 8) {
+            Vec x[8];
+            for (int l = 0; l < 8; ++l) x[l] = load<T>(src + (d + l) * V);
+            transpose8(x);
+            for (int j = 0; j < 8; ++j) store<T>(r[j] + d, x[j]);
+        }
+    }
+    for (; d < n; ++d)
+        for (int j = 0; j < V; ++j) r[j][d] = src[d * V + j];
+}
+
+// exp for the softmax: Cephes' expf (range reduction by ln2 in two parts, degree-5 polynomial, ~1 ulp for
+// x <= 0) in vector arithmetic, so every clone gets it at full width; f64 goes lane by lane through std::exp.
+NATGEN_INLINE VecTraits<float>::type exp_vec(VecTraits<float>::type x) {
+    typedef VecTraits<float>::type Vec;
+    typedef int32_t IVec __attribute__((vector_size(32)));
+    x = x < -87.0f ? Vec{} - 87.0f : x;
+    x = x > 88.0f ? Vec{} + 88.0f : x;
+    const Vec fx = x * 1.44269504088896341f + 0.5f;
+    IVec n = __builtin_convertvector(fx, IVec);
+    n += (__builtin_convertvector(n, Vec) > fx);  // a true comparison is -1: floor for negative values
+    const Vec nf = __builtin_convertvector(n, Vec);
+    x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    Vec y = Vec{} + 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * x * x + x + 1.0f;
+    const IVec bits = (n + 127) << 23;
+    Vec scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return y * scale;
+}
+// f64 transcendentals go lane by lane through libm
+NATGEN_INLINE VecTraits<double>::type lanewise(VecTraits<double>::type x, double (*fn)(double)) {
+    for (int i = 0; i < VecTraits<double>::width; ++i) x[i] = fn(x[i]);
+    return x;
+}
+NATGEN_INLINE VecTraits<double>::type exp_vec(VecTraits<double>::type x) { return lanewise(x, std::exp); }
+
+// 2^y for y <= 0 (the specialized forward's softmax, whose scores are pre-scaled by log2(e)): y = n + f with n
+// = round(y) by the 1.5 * 2^23 trick (whose low mantissa bits are then n), 2^f on |f| <= 1/2 by its degree-6
+// Taylor polynomial (relative error <= 1.7e-7), and n added into the exponent. Below -126 the result is 2^-126
+// times the polynomial, i.e. a value the softmax rounds away against its max term (whose 2^y is 1).
+NATGEN_INLINE VecTraits<float>::type exp2_vec(VecTraits<float>::type y) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    y = y < -126.0f ? Vec{} - 126.0f : y;
+    const Vec t = y + 12582912.0f;
+    const Vec f = y - (t - 12582912.0f);
+    Vec e = Vec{} + 1.5403530393381606e-4f;      // ln2^6 / 720
+    e = e * f + 1.3333558146428443e-3f;          // ln2^5 / 120
+    e = e * f + 9.6181291076284772e-3f;          // ln2^4 / 24
+    e = e * f + 5.5504108664821580e-2f;          // ln2^3 / 6
+    e = e * f + 2.4022650695910071e-1f;          // ln2^2 / 2
+    e = e * f + 6.9314718055994531e-1f;          // ln2
+    e = e * f + 1.0f;
+    IVec tb, eb;
+    std::memcpy(&tb, &t, sizeof(tb));
+    std::memcpy(&eb, &e, sizeof(eb));
+    eb += (tb - 0x4B400000) << 23;
+    std::memcpy(&e, &eb, sizeof(e));
+    return e;
+}
+NATGEN_INLINE VecTraits<double>::type exp2_vec(VecTraits<double>::type y) { return lanewise(y, std::exp2); }
+
+// log2(x) for finite x > 0 (the specialized forward's log-sum-exp, 8 queries at a time): x = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), log2(m) = 2 atanh(t) / ln2 with t = (m - 1) / (m + 1), |t| <= 0.172, by its series to
+// t^9 (truncation error < 4e-10).
+NATGEN_INLINE VecTraits<float>::type log2_vec(VecTraits<float>::type x) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    IVec bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    IVec e = ((bits >> 23) & 0xff) - 127;
+    IVec mb = (bits & 0x7fffff) | 0x3f800000;
+    Vec m;
+    std::memcpy(&m, &mb, sizeof(m));
+    const IVec big = m > 1.41421356f;  // -1 where true
+    m = big ? m * 0.5f : m;
+    e -= big;
+    const Vec t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
+    Vec s = Vec{} + 0.11111111f;
+    s = s * t2 + 0.14285714f;
+    s = s * t2 + 0.2f;
+    s = s * t2 + 0.33333333f;
+    s = s * t2 + 1.0f;
+    return __builtin_convertvector(e, Vec) + (s * t) * 2.88539008f;  // 2 / ln2
+}
+NATGEN_INLINE VecTraits<double>::type log2_vec(VecTraits<double>::type x) { return lanewise(x, std::log2); }
+
+// Horizontal max / sum of one vector.
+template <typename Vec> NATGEN_INLINE auto hmax(Vec x) {
+    auto m = x[0];
+    for (int i = 1; i < int(sizeof(Vec) / sizeof(m)); ++i) m = std::max(m, x[i]);
+    return m;
+}
+NATGEN_INLINE float hmax(VecTraits<float>::type x) {
+    typedef VecTraits<float>::itype IVec;
+    x = x > __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3}) ? x : __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3});
+    x = x > __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5}) ? x : __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5});
+    x = x > __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6}) ? x : __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6});
+    return x[0];
+}
+template <typename Vec> NATGEN_INLINE auto hsum(Vec x) {
+    auto m = x[0];
+    for (int i = 1; i < int(sizeof(Vec) / sizeof(m)); ++i) m += x[i];
+    return m;
+}
+NATGEN_INLINE float hsum(VecTraits<float>::type x) {
+    typedef VecTraits<float>::itype IVec;
+    x += __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3});
+    x += __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5});
+    x += __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6});
+    return x[0];
+}
+
+}  // namespace natgen
