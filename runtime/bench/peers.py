@@ -147,7 +147,6 @@ def _natgen_op(rank):
 
 def _peer_natgen(case: Case, backend=None) -> Runner:
     import natgen
-    from .. import ops
     ps = case.ps
     params = dict(kernel_size=ps.kernel_size, stride=ps.stride, dilation=ps.dilation, is_causal=ps.is_causal)
     try:
@@ -156,7 +155,8 @@ def _peer_natgen(case: Case, backend=None) -> Runner:
         raise PeerUnavailable(first_line(exc)) from None
     implementation = f"{name}: {instance}" if instance else (
         name if backend == "reference" else f"{name} (no generated kernel fits)")
-    if case.backward and name != "reference" and ops.BACKENDS[name].backward is None:
+    if case.backward and name != "reference" and natgen.choose(ps.rank, case.q, case.k, case.v, backend=backend,
+                                                               op="backward", **params)[0] == "reference":
         implementation += " + reference backward"
     op = _natgen_op(ps.rank)
 
