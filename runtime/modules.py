@@ -11,15 +11,21 @@ class _NeighborhoodAttentionND(nn.Module):
     rank = 0
 
     def __init__(self, dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, qkv_bias=True,
-                 qk_scale=None, proj_drop=0.0, backend=None):
+                 qk_scale=None, proj_drop=0.0, backend=None, num_kv_heads=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1 \
+                or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads!r} must be a positive int dividing num_heads={num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_kv_heads = num_kv_heads
         self.kernel_size, self.stride, self.dilation, self.is_causal = kernel_size, stride, dilation, is_causal
         self.scale = qk_scale or self.head_dim ** -0.5
         self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # one projection for q (num_heads heads) and k, v (num_kv_heads heads each)
+        self.qkv = nn.Linear(dim, dim + 2 * num_kv_heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -28,14 +34,18 @@ class _NeighborhoodAttentionND(nn.Module):
         if x.dim() != self.rank + 2:
             raise ValueError(f"x must be [batch, {self.rank} spatial dims, dim] ({self.rank + 2} dims), "
                              f"got shape {tuple(x.shape)}")
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = qkv.unbind(dim=-3)
+        kv_dim = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         out = neighborhood_attention(self.rank, q, k, v, self.kernel_size, self.stride, self.dilation,
                                      self.is_causal, self.scale, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def extra_repr(self) -> str:
-        return (f"heads={self.num_heads}, head_dim={self.head_dim}, kernel_size={self.kernel_size}, "
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, dilation={self.dilation}, is_causal={self.is_causal}")
 
 

@@ -24,7 +24,7 @@ _AXIS_SOURCES = {"length": "spatial", "kernel": "kernel_size", "stride": "stride
 def scalar_values(problem: Problem, threads: int = 0) -> Dict[str, object]:
     """Every non-pointer field value natgen knows for a problem (the vocabulary of ABI field names)."""
     values: Dict[str, object] = {
-        "batch": problem.batch, "heads": problem.heads, "head_dim": problem.head_dim,
+        "batch": problem.batch, "heads": problem.heads, "heads_kv": problem.heads_kv, "head_dim": problem.head_dim,
         "head_dim_v": problem.head_dim_v, "n_extra": problem.n_extra, "threads": threads,
         "scale": float(problem.scale), "scale_log2": float(problem.scale) * LOG2E, "write_lse": 1,
     }

@@ -40,6 +40,11 @@ class Problem:
     n_extra: int
     dtype: torch.dtype
     device: torch.device
+    heads_kv: int = 0  # key/value heads (grouped-query attention); 0 is filled in as `heads`
+
+    def __post_init__(self):
+        if not self.heads_kv:
+            object.__setattr__(self, "heads_kv", self.heads)
 
     def __hash__(self) -> int:
         # memoized: the runtime keys its per-call caches (instance, module, argument block) on the Problem,
@@ -136,11 +141,17 @@ def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=Fal
         raise ValueError(
             f"q has rank-{rank} layout {_layout(rank)} ({expected_dims} dims), "
             f"got shape {tuple(q.shape)}")
-    if tuple(k.shape) != tuple(q.shape):
-        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.dim() != expected_dims or tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
+    if k.dim() != expected_dims or tuple(k.shape[:-2]) != tuple(q.shape[:-2]) or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)} (with any number of key/value heads that "
+                         f"divides q's {q.shape[-2]}), got {tuple(k.shape)}")
+    heads_kv = k.shape[-2]
+    if q.shape[-2] and (heads_kv < 1 or q.shape[-2] % heads_kv):  # empty q heads: reported below
+        raise ValueError(f"k has {heads_kv} heads: the key/value heads must divide q's {q.shape[-2]} heads "
+                         f"(q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)})")
+    if v.dim() != expected_dims or tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
+        owner = "q's" if heads_kv == q.shape[-2] else "k's"
         raise ValueError(
-            f"v must have q's shape {tuple(q.shape[:-1])} followed by any head_dim_v, "
+            f"v must have {owner} shape {tuple(k.shape[:-1])} followed by any head_dim_v, "
             f"got {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(
@@ -189,16 +200,16 @@ def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=Fal
         _check_tensor("additional_keys", additional_keys)
         _check_tensor("additional_values", additional_values)
         n_extra = additional_keys.shape[1] if additional_keys.dim() == 4 else -1
-        expected_keys = (batch, n_extra, heads, head_dim)
+        expected_keys = (batch, n_extra, heads_kv, head_dim)
         if additional_keys.dim() != 4 or tuple(additional_keys.shape) != expected_keys:
             raise ValueError(
-                f"additional_keys must have shape [batch={batch}, n_extra, heads={heads}, "
-                f"head_dim={head_dim}], got {tuple(additional_keys.shape)}")
-        expected_values = (batch, n_extra, heads, head_dim_v)
+                f"additional_keys must have shape [batch={batch}, n_extra, heads={heads_kv}, "
+                f"head_dim={head_dim}] (k's heads), got {tuple(additional_keys.shape)}")
+        expected_values = (batch, n_extra, heads_kv, head_dim_v)
         if tuple(additional_values.shape) != expected_values:
             raise ValueError(
                 f"additional_values must have shape [batch={batch}, n_extra={n_extra}, "
-                f"heads={heads}, head_dim_v={head_dim_v}], got {tuple(additional_values.shape)}")
+                f"heads={heads_kv}, head_dim_v={head_dim_v}] (v's heads), got {tuple(additional_values.shape)}")
         for name, tensor in (("additional_keys", additional_keys),
                              ("additional_values", additional_values)):
             if tensor.dtype != q.dtype:
@@ -209,4 +220,4 @@ def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=Fal
     return Problem(rank=rank, batch=batch, spatial=spatial, heads=heads, head_dim=head_dim,
                    head_dim_v=head_dim_v, kernel_size=kernel_size, stride=stride,
                    dilation=dilation, is_causal=is_causal, scale=scale, n_extra=n_extra,
-                   dtype=q.dtype, device=q.device)
+                   dtype=q.dtype, device=q.device, heads_kv=heads_kv)

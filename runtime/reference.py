@@ -98,17 +98,20 @@ def _attend_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys, 
 
     valid is None when no window is padded (non-causal), which skips the mask.
     """
-    batch, count, heads, _ = queries.shape
+    batch, count, heads, head_dim = queries.shape
+    heads_kv = k_flat.shape[2]
+    # grouped heads: query head h reads kv head h // (heads // heads_kv), indexed, never repeated
+    queries = queries.view(batch, count, heads_kv, heads // heads_kv, head_dim)
     window = key_index.shape[1]
     flat_index = key_index.reshape(-1)
-    keys = k_flat.index_select(1, flat_index).view(batch, count, window, heads, -1)
-    values = v_flat.index_select(1, flat_index).view(batch, count, window, heads, -1)
+    keys = k_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
+    values = v_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
 
-    logits = torch.einsum("bqhd,bqwhd->bqhw", queries, keys) * scale
+    logits = torch.einsum("bqhgd,bqwhd->bqhgw", queries, keys).flatten(2, 3) * scale
     if valid is not None:
         logits = logits.masked_fill(~valid[None, :, None, :], float("-inf"))
     if extra_keys is not None:
-        extra_logits = torch.einsum("bqhd,behd->bqhe", queries, extra_keys) * scale
+        extra_logits = torch.einsum("bqhgd,behd->bqhge", queries, extra_keys).flatten(2, 3) * scale
         logits = torch.cat([logits, extra_logits], dim=-1)
 
     # Every query sees at least itself, so the row max is finite and no row is all -inf. Detaching it
@@ -116,9 +119,10 @@ def _attend_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys, 
     row_max = logits.amax(dim=-1, keepdim=True).detach()
     weights = torch.exp(logits - row_max)
     denominator = weights.sum(dim=-1, keepdim=True)
-    out = torch.einsum("bqhw,bqwhd->bqhd", weights[..., :window], values)
+    grouped = weights.unflatten(2, (heads_kv, heads // heads_kv))
+    out = torch.einsum("bqhgw,bqwhd->bqhgd", grouped[..., :window], values).flatten(2, 3)
     if extra_keys is not None:
-        out = out + torch.einsum("bqhe,behd->bqhd", weights[..., window:], extra_values)
+        out = out + torch.einsum("bqhge,behd->bqhgd", grouped[..., window:], extra_values).flatten(2, 3)
     return out / denominator, (row_max + torch.log(denominator)).squeeze(-1)
 
 
@@ -143,9 +147,10 @@ def na_reference(q, k, v, problem: Problem, additional_keys=None, additional_val
     compute_dtype = _compute_dtype(q.dtype)
 
     # reshape copies non-contiguous inputs (and is a view otherwise), so strides never matter below.
+    heads_kv = problem.heads_kv
     q_flat = q.reshape(batch, num_tokens, heads, problem.head_dim).to(compute_dtype)
-    k_flat = k.reshape(batch, num_tokens, heads, problem.head_dim).to(compute_dtype)
-    v_flat = v.reshape(batch, num_tokens, heads, problem.head_dim_v).to(compute_dtype)
+    k_flat = k.reshape(batch, num_tokens, heads_kv, problem.head_dim).to(compute_dtype)
+    v_flat = v.reshape(batch, num_tokens, heads_kv, problem.head_dim_v).to(compute_dtype)
     has_extra = additional_keys is not None and additional_keys.shape[1] > 0
     if has_extra:
         extra_keys = additional_keys.to(compute_dtype)
@@ -154,7 +159,7 @@ def na_reference(q, k, v, problem: Problem, additional_keys=None, additional_val
     axis_tables = _axis_tables(problem.spatial, problem.kernel_size, problem.stride,
                                problem.dilation, problem.is_causal)
     any_padding = any(problem.is_causal)
-    per_query = batch * window * heads * (problem.head_dim + problem.head_dim_v)
+    per_query = batch * window * (heads * 2 + heads_kv * (problem.head_dim + problem.head_dim_v))
     chunk = max(1, _GATHERED_ELEMENTS_PER_CHUNK // per_query)
 
     # With autograd, each chunk's gathered keys and values would be saved for backward, i.e. prod(K)

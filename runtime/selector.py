@@ -77,6 +77,9 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target, 
     if target.kind == "cuda" and spec.arch.startswith("sm"):
         if arch_number(target.arch) < arch_number(spec.arch):
             reasons.append(f"needs {spec.arch}, device is {target.arch}")
+    if problem.heads_kv != problem.heads and not instance.launch.get("grouped_kv_heads", False):
+        reasons.append(f"{problem.heads_kv} key/value heads for {problem.heads} query heads: the instance does not "
+                       "index grouped key/value heads")
     limits = instance.launch.get("limits", {})
     for what, value in (("extra", problem.n_extra), ("window", problem.window), ("heads", problem.heads),
                         ("batch", problem.batch)):
@@ -140,6 +143,7 @@ def select_backward(forward: Instance, problem: Problem, target: Target) -> Rank
 def describe(problem: Problem) -> str:
     dtype = str(problem.dtype).replace("torch.", "")
     return (f"rank {problem.rank}, batch {problem.batch}, spatial {'x'.join(map(str, problem.spatial))}, "
-            f"heads {problem.heads}, head_dim {problem.head_dim}, kernel {problem.kernel_size}, "
+            f"heads {problem.heads}" + (f" (key/value heads {problem.heads_kv})" if problem.heads_kv != problem.heads
+                                        else "") + f", head_dim {problem.head_dim}, kernel {problem.kernel_size}, "
             f"stride {problem.stride}, dilation {problem.dilation}, causal {problem.is_causal}, {dtype}, "
             f"{problem.n_extra} extra tokens")

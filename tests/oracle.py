@@ -68,7 +68,16 @@ def dense_mask(spatial, kernel_size, stride, dilation, is_causal):
 
 def dense_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                  additional_keys=None, additional_values=None, compute_dtype=torch.float64):
-    """(out [batch, *spatial, heads, head_dim_v], lse [batch, *spatial, heads]), both in compute_dtype."""
+    """(out [batch, *spatial, heads, head_dim_v], lse [batch, *spatial, heads]), both in compute_dtype.
+
+    k and v (and the extra tokens) may have fewer heads than q (grouped-query attention): they are repeated
+    so that query head h meets kv head h // (heads // heads_kv), and autograd sums their gradients back."""
+    group = q.shape[-2] // k.shape[-2]
+    if group != 1:
+        k, v = k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)
+        if additional_keys is not None:
+            additional_keys = additional_keys.repeat_interleave(group, dim=-2)
+            additional_values = additional_values.repeat_interleave(group, dim=-2)
     rank = q.dim() - 3
     batch, spatial, heads, head_dim = q.shape[0], tuple(q.shape[1:1 + rank]), q.shape[-2], q.shape[-1]
     num_tokens = 1
