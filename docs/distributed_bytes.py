@@ -128,6 +128,16 @@ def _spawn(function, world, *args):
     return found
 
 
+# A process that ran the generated CPU kernels and gloo collectives sometimes aborts in its exit-time
+# destructors ("terminate called without an active exception", after destroy_process_group, about one run in
+# ten with 4 processes); everything is written by then, so a worker leaves without running them.
+def _leave(dist):
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _init(me, world, init_file):
     import warnings
     import torch.distributed as dist
@@ -192,12 +202,12 @@ def _measure_worker(me, world, init_file, scratch, cases):
         results.append(found)
     with open(os.path.join(scratch, f"rank{me}.json"), "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
+    _leave(dist)
 
 
 def gloo_table():
     print("| set | ranks, sharding | halo fwd (plan / sent) | halo bwd (plan / sent) | all-gather fwd | "
-          "Ulysses fwd | loopback bytes, all ranks: halo fwd+bwd / all-gather / Ulysses |")
+          "Ulysses fwd | loopback, all ranks: halo fwd+bwd / all-gather / Ulysses fwd |")
     print("|---|---|---|---|---|---|---|")
     for world in (2, 4):
         cases = [(name, dims, mesh) for name in ("cpu-2d", "cpu-1d")
@@ -216,7 +226,8 @@ def gloo_table():
             print(f"| {name} | {label} | {_mb(max(r['halo_fwd'] for r in plan))} / {_mb(sent_fwd)} | "
                   f"{_mb(max(r['halo_bwd'] for r in plan))} / {_mb(sent_bwd)} | "
                   f"{_mb(max(p['allgather'] for p in per_rank))} | {_mb(ulysses)} | "
-                  f"{' / '.join(_mb(x) for x in lo)} |")
+                  f"{' / '.join(_mb(x) for x in lo)} (plan: {_mb(sum(r['halo_fwd'] + r['halo_bwd'] for r in plan))} / "
+                  f"{_mb(world * max(p['allgather'] for p in per_rank))} / {_mb(world * ulysses)}) |")
     print("\nMiB, fp32. 'sent': payload bytes natgen.distributed handed to isend on the busiest rank (equal to "
           "the plan on every rank: checked). Loopback: transmitted bytes of the lo interface over each exchange "
           "as rank 0 saw them (every rank's traffic, two barriers, TCP framing and any other process's loopback "
@@ -253,7 +264,7 @@ def _timing_worker(me, world, init_file, scratch, name, repeats):
         exchange_best = min(exchange_best, time.perf_counter() - start)
     with open(os.path.join(scratch, f"rank{me}.json"), "w") as f:
         json.dump([best, exchange_best], f)
-    dist.destroy_process_group()
+    _leave(dist)
 
 
 def _whole(name, threads, repeats):
