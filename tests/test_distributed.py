@@ -8,7 +8,6 @@ below read, one test per case.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys

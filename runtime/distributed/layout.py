@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..problem import Problem, make_problem
 from .exchange import Exchange, make_exchange
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, mesh_coordinates
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_RANK = 3
@@ -146,7 +146,7 @@ def _agree(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, addit
     shapes = gathered[:, 1:].tolist()
 
     # 2. slab sizes per sharded axis, in mesh order; every other extent must agree
-    coordinates = [_mesh_coordinates(r, shard_dims, mesh, rank) for r in range(size)]
+    coordinates = [mesh_coordinates(r, shard_dims, mesh, rank) for r in range(size)]
     sizes = []
     for axis in range(rank):
         if axis in shard_dims:
@@ -199,13 +199,8 @@ def _agree(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, addit
 
     plan = make_plan(sizes, shard_dims, mesh, problem.kernel_size, problem.stride, problem.dilation,
                      problem.is_causal)
-    tensor_device = q.device
-    exchange = make_exchange(plan, me, group, lambda r: dist.get_global_rank(group, r), tensor_device)
+    exchange = make_exchange(plan, me, group, lambda r: dist.get_global_rank(group, r), q.device)
     return Layout(problem, plan, exchange, me, group)
-
-
-def _mesh_coordinates(r, shard_dims, mesh, rank):
-    return Plan(tuple([None] * rank), shard_dims, mesh).coordinates(r)
 
 
 def _placeholder(rank) -> Problem:

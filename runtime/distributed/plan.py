@@ -106,6 +106,14 @@ def plan_axis(sizes, K: int, S: int, D: int, C: bool) -> AxisPlan:
     return AxisPlan(L, bounds, tuple(needed), tuple(regions))
 
 
+def mesh_coordinates(rank: int, shard_dims, mesh, axes: int) -> tuple[int, ...]:
+    """Per spatial axis, the slab index of `rank` (row-major over the mesh; 0 on axes not sharded)."""
+    per_axis = [0] * axes
+    for dim, extent in zip(reversed(shard_dims), reversed(mesh)):
+        rank, per_axis[dim] = divmod(rank, extent)
+    return tuple(per_axis)
+
+
 @dataclass(frozen=True)
 class Transfer:
     """Key/value rows that rank `owner` sends to rank `needer`: the product of one row set per spatial axis
@@ -132,11 +140,7 @@ class Plan:
         return math.prod(self.mesh)
 
     def coordinates(self, rank: int) -> tuple[int, ...]:
-        """Per spatial axis, the slab index of `rank` (0 on axes that are not sharded)."""
-        per_axis = [0] * len(self.axes)
-        for dim, extent in zip(reversed(self.shard_dims), reversed(self.mesh)):
-            rank, per_axis[dim] = divmod(rank, extent)
-        return tuple(per_axis)
+        return mesh_coordinates(rank, self.shard_dims, self.mesh, len(self.axes))
 
     def slab(self, rank: int) -> tuple[tuple[int, int], ...]:
         return tuple(axis.slab(c) for axis, c in zip(self.axes, self.coordinates(rank)))
