@@ -262,8 +262,19 @@ def _timing_worker(me, world, init_file, scratch, name, repeats):
         torch.autograd.backward(regions, [torch.ones_like(r) for r in regions])
         dist.barrier()
         exchange_best = min(exchange_best, time.perf_counter() - start)
+    # the local op alone on this rank's region: the sharded step without any communication
+    import natgen
+    region = [hi - lo for lo, hi in layout.plan.region(me)]
+    local = (natgen.na1d, natgen.na2d, natgen.na3d)[len(spatial) - 1]
+    tensors = [torch.randn(batch, *region, heads, head_dim).requires_grad_(True) for _ in range(3)]
+    local_best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = local(*tensors, kernel, dilation=dilation)
+        out.backward(torch.ones_like(out))
+        local_best = min(local_best, time.perf_counter() - start)
     with open(os.path.join(scratch, f"rank{me}.json"), "w") as f:
-        json.dump([best, exchange_best], f)
+        json.dump([best, exchange_best, local_best], f)
     _leave(dist)
 
 
@@ -284,21 +295,22 @@ def _whole(name, threads, repeats):
     return best
 
 
-def timing_table(repeats=30):
+def timing_table(repeats=60):
     print("| set | 1 process, 1 thread | 1 process, 2 threads | 2 processes x 1 thread (gloo, axis 0) | "
-          "of which the halo exchange, fwd+bwd |")
-    print("|---|---|---|---|---|")
+          "halo exchange alone, fwd+bwd | local op alone on the region |")
+    print("|---|---|---|---|---|---|")
     threads = torch.get_num_threads()
     for name in ("cpu-2d", "cpu-1d"):
         one = _whole(name, 1, repeats)
         two = _whole(name, 2, repeats)
         found = _spawn(_timing_worker, 2, name, repeats)
-        sharded, exchange = max(f[0] for f in found), max(f[1] for f in found)
+        sharded, exchange, local = (max(f[i] for f in found) for i in range(3))
         print(f"| {name} | {one * 1e3:.2f} ms | {two * 1e3:.2f} ms | {sharded * 1e3:.2f} ms | "
-              f"{exchange * 1e3:.2f} ms |")
+              f"{exchange * 1e3:.2f} ms | {local * 1e3:.2f} ms |")
     torch.set_num_threads(threads)
     print(f"\nforward+backward, fp32, min of {repeats} after a warm-up call (the sharded figures: the slowest "
-          f"rank's minimum, between barriers); torch {torch.__version__}, {_cpu_model()}.")
+          f"rank's minimum, between barriers); torch {torch.__version__}, {_cpu_model()}, load average "
+          f"{os.getloadavg()[0]:.1f} at the end.")
 
 
 def _cpu_model():
