@@ -137,7 +137,14 @@ FIXED_CASES = {
              causal=[True], sizes=[[1, 1, 1, 1]], shard_dims=[0], mesh=[4], n_extra=0, return_lse=True, seed=7),
         dict(rank=2, batch=1, heads=2, head_dim=4, head_dim_v=4, kernel=[3, 5], stride=[1, 3], dilation=[2, 1],
              causal=[True, False], sizes=[[2, 9], [1, 10]], shard_dims=[0, 1], mesh=[2, 2], n_extra=2,
-             return_lse=True, seed=8)],
+             return_lse=True, seed=8),
+        # three sharded axes (one of extent 1), and shard_dims not in axis order (the mesh follows shard_dims)
+        dict(rank=3, batch=1, heads=2, head_dim=4, head_dim_v=4, kernel=[3, 3, 3], stride=[1, 2, 1],
+             dilation=[1, 1, 2], causal=[True, False, False], sizes=[[3, 4], [7], [3, 5]], shard_dims=[0, 1, 2],
+             mesh=[2, 1, 2], n_extra=2, return_lse=True, seed=11),
+        dict(rank=3, batch=1, heads=1, head_dim=4, head_dim_v=4, kernel=[2, 3, 2], stride=[1, 1, 2],
+             dilation=[2, 1, 1], causal=[False, False, False], sizes=[[5], [3, 4], [2, 5]], shard_dims=[2, 1],
+             mesh=[2, 2], n_extra=0, return_lse=False, seed=12)],
 }
 
 CASES = {2: FIXED_CASES[2] + _cases(2, 14, 0, seed=20), 4: FIXED_CASES[4] + _cases(4, 8, 7, seed=40)}
