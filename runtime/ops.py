@@ -11,8 +11,7 @@ import torch
 
 from . import backends  # noqa: F401  (registers every backend)
 from .arch import arch_number
-from .autograd import NeighborhoodAttention
-from .problem import make_problem
+from .problem import _per_dim_bools, _per_dim_ints, make_problem
 from .reference import na_reference
 from .registry import BACKENDS, resolve_call  # noqa: F401  (BACKENDS: natgen.ops.BACKENDS["cpu"] etc.)
 
@@ -84,26 +83,49 @@ def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, s
     return entry
 
 
+def _through_torch_op(q) -> bool:
+    """Whether a call goes through the registered torch op (natgen.torch_ops): under torch.compile or export
+    (fake tensors), for meta tensors, and for tensor subclasses; plain eager calls take the resolved call
+    directly, which costs a few microseconds instead of the dispatcher's tens."""
+    return type(q) is not torch.Tensor or q.device.type == "meta" or torch.compiler.is_compiling()
+
+
+def _op_arguments(rank, kernel_size, stride, dilation, is_causal, scale):
+    """Per-axis arguments as the op's lists, validated as make_problem does (a bool kernel size stays an error)."""
+    if isinstance(rank, bool) or rank not in (1, 2, 3):
+        raise ValueError(f"rank={rank!r} must be 1, 2 or 3")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale={scale!r} must be a real number, got {type(scale).__name__}")
+    return (list(_per_dim_ints("kernel_size", kernel_size, rank)), list(_per_dim_ints("stride", stride, rank)),
+            list(_per_dim_ints("dilation", dilation, rank)), list(_per_dim_bools("is_causal", is_causal, rank)),
+            None if scale is None else float(scale))
+
+
 def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                            additional_keys=None, additional_values=None, return_lse=False, backend=None,
                            arch=None):
-    problem, resolved = resolve(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                                additional_values, backend, arch)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
-        additional_keys is not None and (additional_keys.requires_grad or additional_values.requires_grad)))
-    fast = resolved.fast
-    if fast is not None and not needs_grad and additional_keys is None:
-        result = fast(q, k, v)
-        if result is not None:
-            return result if return_lse else result[0]
-    if resolved.backend == "reference":
-        # differentiable as it stands (torch ops, checkpointed chunks)
-        return na_reference(q, k, v, problem, additional_keys, additional_values, return_lse=return_lse)
-    tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
-    if needs_grad:
-        out, lse = NeighborhoodAttention.apply(resolved, problem, *tensors)
-    else:
-        out, lse = resolved.forward(*tensors)
+    if not _through_torch_op(q):
+        problem, resolved = resolve(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
+                                    additional_keys, additional_values, backend, arch)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+            additional_keys is not None and (additional_keys.requires_grad or additional_values.requires_grad)))
+        if resolved.backend == "reference":
+            # differentiable as it stands (torch ops, checkpointed chunks)
+            return na_reference(q, k, v, problem, additional_keys, additional_values, return_lse=return_lse)
+        if not needs_grad:
+            fast = resolved.fast
+            if fast is not None and additional_keys is None:
+                result = fast(q, k, v)
+                if result is not None:
+                    return result if return_lse else result[0]
+            tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
+            out, lse = resolved.forward(*tensors)
+            return (out, lse) if return_lse else out
+    _check_arch(arch)
+    from . import torch_ops  # noqa: F401  (registers the natgen ops)
+    out, lse = torch.ops.natgen.na_forward(q, k, v, additional_keys, additional_values,
+                                           *_op_arguments(rank, kernel_size, stride, dilation, is_causal, scale),
+                                           backend, arch)
     return (out, lse) if return_lse else out
 
 

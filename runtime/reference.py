@@ -188,3 +188,91 @@ def na_reference(q, k, v, problem: Problem, additional_keys=None, additional_val
         return out
     lse = torch.cat(lses, dim=1).reshape(batch, *problem.spatial, heads).to(torch.float32)
     return out, lse
+
+
+def _backward_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys, extra_values, grad_out,
+                    grad_lse, grads):
+    """Accumulate one chunk's gradients into grads = [dq chunk out, dk, dv, d extra_k, d extra_v] (explicit
+    formulas, no autograd: dS = P * (dP - rowsum(dO * O) + d lse))."""
+    batch, count, heads, head_dim = queries.shape
+    heads_kv = k_flat.shape[2]
+    group = heads // heads_kv
+    queries = queries.view(batch, count, heads_kv, group, head_dim)
+    grad_out = grad_out.reshape(batch, count, heads_kv, group, -1)
+    window = key_index.shape[1]
+    flat_index = key_index.reshape(-1)
+    keys = k_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
+    values = v_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
+    logits = torch.einsum("bqhgd,bqwhd->bqhgw", queries, keys) * scale
+    if valid is not None:
+        logits = logits.masked_fill(~valid[None, :, None, None, :], float("-inf"))
+    if extra_keys is not None:
+        logits = torch.cat([logits, torch.einsum("bqhgd,behd->bqhge", queries, extra_keys) * scale], dim=-1)
+    probabilities = torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
+    p_window, p_extra = probabilities[..., :window], probabilities[..., window:]
+    out = torch.einsum("bqhgw,bqwhd->bqhgd", p_window, values)
+    d_probabilities = torch.einsum("bqhgd,bqwhd->bqhgw", grad_out, values)
+    if extra_keys is not None:
+        out = out + torch.einsum("bqhge,behd->bqhgd", p_extra, extra_values)
+        d_probabilities = torch.cat([d_probabilities, torch.einsum("bqhgd,behd->bqhge", grad_out, extra_values)],
+                                    dim=-1)
+    shift = (grad_out * out).sum(dim=-1, keepdim=True)
+    if grad_lse is not None:
+        shift = shift - grad_lse.reshape(batch, count, heads_kv, group, 1)
+    d_logits = probabilities * (d_probabilities - shift) * scale
+    ds_window, ds_extra = d_logits[..., :window], d_logits[..., window:]
+    grad_q = torch.einsum("bqhgw,bqwhd->bqhgd", ds_window, keys)
+    grad_keys = torch.einsum("bqhgw,bqhgd->bqwhd", ds_window, queries).reshape(batch, count * window, heads_kv, -1)
+    grad_values = torch.einsum("bqhgw,bqhgd->bqwhd", p_window, grad_out).reshape(batch, count * window,
+                                                                                 heads_kv, -1)
+    grads[1].index_add_(1, flat_index, grad_keys)
+    grads[2].index_add_(1, flat_index, grad_values)
+    if extra_keys is not None:
+        grad_q = grad_q + torch.einsum("bqhge,behd->bqhgd", ds_extra, extra_keys)
+        grads[3] += torch.einsum("bqhge,bqhgd->behd", ds_extra, queries)
+        grads[4] += torch.einsum("bqhge,bqhgd->behd", p_extra, grad_out)
+    return grad_q.reshape(batch, count, heads, head_dim)
+
+
+def na_reference_backward(q, k, v, problem: Problem, additional_keys, additional_values, grad_out,
+                          grad_lse=None):
+    """(grad_q, grad_k, grad_v, grad_extra_k, grad_extra_v) of na_reference for the cotangents of its out
+    (and lse), by explicit formulas chunk by chunk (O(N * window) memory like the forward, deterministic).
+    Extra-token grads are None when there are none."""
+    batch, heads, heads_kv = problem.batch, problem.heads, problem.heads_kv
+    num_tokens = problem.num_tokens
+    compute_dtype = _compute_dtype(q.dtype)
+    q_flat = q.reshape(batch, num_tokens, heads, problem.head_dim).to(compute_dtype)
+    k_flat = k.reshape(batch, num_tokens, heads_kv, problem.head_dim).to(compute_dtype)
+    v_flat = v.reshape(batch, num_tokens, heads_kv, problem.head_dim_v).to(compute_dtype)
+    do_flat = grad_out.reshape(batch, num_tokens, heads, problem.head_dim_v).to(compute_dtype)
+    dlse_flat = None if grad_lse is None else grad_lse.reshape(batch, num_tokens, heads).to(compute_dtype)
+    has_extra = additional_keys is not None and additional_keys.shape[1] > 0
+    extra_keys = additional_keys.to(compute_dtype) if has_extra else None
+    extra_values = additional_values.to(compute_dtype) if has_extra else None
+    grads = [None, torch.zeros_like(k_flat), torch.zeros_like(v_flat),
+             torch.zeros_like(extra_keys) if has_extra else None,
+             torch.zeros_like(extra_values) if has_extra else None]
+    axis_tables = _axis_tables(problem.spatial, problem.kernel_size, problem.stride, problem.dilation,
+                               problem.is_causal)
+    any_padding = any(problem.is_causal)
+    window = problem.window
+    per_query = batch * window * (heads * 4 + heads_kv * 2 * (problem.head_dim + problem.head_dim_v))
+    chunk = max(1, _GATHERED_ELEMENTS_PER_CHUNK // per_query)
+    grad_q = []
+    for first in range(0, num_tokens, chunk):
+        end = min(first + chunk, num_tokens)
+        key_index, valid = _neighbors(problem.spatial, axis_tables, first, end, q.device)
+        grad_q.append(_backward_chunk(q_flat[:, first:end], k_flat, v_flat, key_index,
+                                      valid if any_padding else None, problem.scale, extra_keys, extra_values,
+                                      do_flat[:, first:end], None if dlse_flat is None else dlse_flat[:, first:end],
+                                      grads))
+    result = [torch.cat(grad_q, dim=1).reshape(q.shape).to(q.dtype), grads[1].reshape(k.shape).to(k.dtype),
+              grads[2].reshape(v.shape).to(v.dtype)]
+    if has_extra:
+        result += [grads[3].to(additional_keys.dtype), grads[4].to(additional_values.dtype)]
+    elif additional_keys is not None:  # zero extra tokens
+        result += [torch.zeros_like(additional_keys), torch.zeros_like(additional_values)]
+    else:
+        result += [None, None]
+    return tuple(result)
