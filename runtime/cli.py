@@ -307,8 +307,8 @@ def demo(size):
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the figures as JSON")
 @click.option("--quiet", "-q", is_flag=True, help="no progress lines")
 @click.option("--overhead", is_flag=True,
-              help="host-side microseconds per na2d call on the cpu, emulator and cuda paths (kernels replaced by "
-                   "no-ops), cold and cached")
+              help="host-side microseconds per na2d call on the cpu (eager and torch.compile), emulator and cuda "
+                   "paths (kernels replaced by no-ops), cold and cached")
 def bench(set_names, device, peers, backward, dtype, repeats, batch, budget, plot_path, json_path, quiet, overhead):
     """Time natgen beside reference, flex, natten and dense SDPA on the standard problem sets."""
     import torch
