@@ -126,7 +126,9 @@ def random_cases(count: int, seed: int = 1234):
 
 
 def sample_size() -> int:
-    return int(os.environ.get("NATGEN_EMULATED_SAMPLES", "4"))
+    """NATGEN_EMULATED_SAMPLES, else 4 (16 with NATGEN_EMU_WIDE=1)."""
+    wide = os.environ.get("NATGEN_EMU_WIDE", "") not in ("", "0")
+    return int(os.environ.get("NATGEN_EMULATED_SAMPLES", "16" if wide else "4"))
 
 
 def make_inputs(c: Case, device="cpu"):
@@ -157,11 +159,13 @@ def family_instance(c: Case, problem, target):
     return ranked[0].instance
 
 
-def run_case(c: Case, backend: str, public: bool = False):
-    """Run one case on `backend` ("emulator" or "cuda") and check it against the float64 oracle.
+def run_case(c: Case, backend: str, public: bool = False, source_edit=None):
+    """Run one case on `backend` ("emulator" or "cuda"), check it against the float64 oracle, return (out, lse).
 
     public=False launches the family's best instance through the runtime's launch plan; public=True asserts
-    that natgen.choose picks the case's family and runs through natgen.naXd (only for `selected` cases)."""
+    that natgen.choose picks the case's family and runs through natgen.naXd (only for `selected` cases).
+    source_edit (emulator, public=False): a function of the instance's CUDA source whose result is launched
+    instead (tests that plant a bug in a generated kernel); the oracle check is then skipped."""
     import natgen
     from natgen import launch as launch_mod
     from natgen import selector
@@ -195,8 +199,16 @@ def run_case(c: Case, backend: str, public: bool = False):
             torch.cuda.synchronize()
         else:
             from natgen import emulator
-            emulator.launch(instance.source_path.read_text(), instance.entry["symbol"], plan.grid, plan.block,
-                            plan.args, shared_mem=plan.shared_mem)
+            source = instance.source_path.read_text()
+            if source_edit is not None:
+                edited = source_edit(source)
+                assert edited != source, f"{c.id}: the source edit changed nothing"
+                source = edited
+            emulator.launch(source, instance.entry["symbol"], plan.grid, plan.block, plan.args,
+                            shared_mem=plan.shared_mem)
+            if source_edit is not None:
+                return buffers.out, buffers.lse
         out, lse = buffers.out, buffers.lse
     assert_close_by_rule(out.cpu(), q, k, v, lse=lse.cpu(), **params(c, extra_k, extra_v))
     assert math.isfinite(lse.float().abs().max().item())
+    return out, lse

@@ -2,13 +2,15 @@
 
 A fixed core set (every family x rank x dtype x causal variant, borders, several query tiles, dilation
 groups, stride, even K, extra tokens, multi-tile windows) plus a seeded random sample of the generic
-family whose size is NATGEN_EMULATED_SAMPLES (default 4). Emulated compiles are cached per source.
+family whose size is NATGEN_EMULATED_SAMPLES (default 4, 16 with NATGEN_EMU_WIDE=1). Every launch runs
+with racecheck and initcheck, and every case under the default schedule and a shuffled one with
+bit-identical results (fixtures in tests/conftest.py). Emulated compiles are cached per source.
 """
 import pytest
 
 from tc_cases import core_cases, random_cases, run_case, sample_size
 
-pytestmark = pytest.mark.emulated
+pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulator_checks")]
 
 
 def _emulator_ready():
@@ -29,17 +31,17 @@ SAMPLE = random_cases(sample_size())
 
 @requires_emulator
 @pytest.mark.parametrize("case", CORE, ids=[c.id for c in CORE])
-def test_core(case):
-    run_case(case, "emulator")
+def test_core(case, schedules):
+    schedules(lambda: run_case(case, "emulator"))
 
 
 @requires_emulator
 @pytest.mark.parametrize("case", SAMPLE, ids=[c.id for c in SAMPLE])
-def test_random_sample(case):
-    run_case(case, "emulator")
+def test_random_sample(case, schedules):
+    schedules(lambda: run_case(case, "emulator"))
 
 
 @requires_emulator
 @pytest.mark.parametrize("case", PUBLIC, ids=[c.id for c in PUBLIC])
-def test_selected_through_public_api(case):
-    run_case(case, "emulator", public=True)
+def test_selected_through_public_api(case, schedules):
+    schedules(lambda: run_case(case, "emulator", public=True))
