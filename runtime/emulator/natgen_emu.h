@@ -593,9 +593,11 @@ NATGEN_EMU_ENTRY int block_barrier(const char* file, int line, int pred) {
 // ------------------------------------------------------------------------------------------------
 // Warp collectives: the last lane to arrive computes every lane's result
 // ------------------------------------------------------------------------------------------------
-inline Fiber* lane_fiber(int warp, int lane) { return &g_rt.fibers[size_t(warp) * 32 + size_t(lane)]; }
+// (NOSAN: the lane that resolves a collective touches other lanes' operands, ldmatrix rows in shared
+// memory among them; those reads are reported for the lane they belong to, never for the resolver.)
+NATGEN_EMU_NOSAN inline Fiber* lane_fiber(int warp, int lane) { return &g_rt.fibers[size_t(warp) * 32 + size_t(lane)]; }
 
-inline void resolve_shuffle(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_shuffle(int warp, const WarpGroup& g) {
     for (int lane = 0; lane < 32; ++lane) {
         if (!(g.mask >> lane & 1u)) continue;
         Fiber* f = lane_fiber(warp, lane);
@@ -624,7 +626,7 @@ inline void resolve_shuffle(int warp, const WarpGroup& g) {
     }
 }
 
-inline void resolve_vote(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_vote(int warp, const WarpGroup& g) {
     unsigned ballot = 0;
     for (int lane = 0; lane < 32; ++lane)
         if ((g.mask >> lane & 1u) && lane_fiber(warp, lane)->value) ballot |= 1u << lane;
@@ -648,7 +650,7 @@ inline float lowp_to_float(uint32_t bits16, int op) {
 //   C/D f32 (16x8):     c_i, i=0..3: row = g + 8*(i>=2), col = 2*tig + (i&1)
 // Products of f16/bf16/tf32 values are exact in float; sums are accumulated in double and rounded
 // once (the hardware's internal order is unspecified; results agree to float rounding).
-inline void resolve_mma(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_mma(int warp, const WarpGroup& g) {
     const bool tf32 = g.op == OP_MMA_TF32;
     const int K = tf32 ? 8 : 16;
     float A[16][16], B[16][8];
@@ -698,7 +700,7 @@ NATGEN_EMU_NOSAN inline bool in_shared_memory(const void* p, size_t bytes) {
 // ldmatrix .m8n8 .b16 (PTX ISA "ldmatrix"): lanes 8m..8m+7 give the row addresses of matrix m
 // (16 bytes each); lane t receives, per matrix, the pair (row t/4, cols 2*(t%4), +1), or with
 // .trans the pair (rows 2*(t%4), +1 ; col t/4); the lower column/row lands in the low 16 bits.
-inline void resolve_ldmatrix(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_ldmatrix(int warp, const WarpGroup& g) {
     Fiber* first = lane_fiber(warp, 0);
     const int num = first->arg & 7;
     const bool trans = (first->arg >> 3) & 1;
@@ -887,7 +889,7 @@ inline T* const& dynamic_shared_as() {
 // ------------------------------------------------------------------------------------------------
 // Fiber body and scheduler
 // ------------------------------------------------------------------------------------------------
-inline void on_fiber_exit(Fiber* f) {
+NATGEN_EMU_NOSAN inline void on_fiber_exit(Fiber* f) {
     f->state = EXITED;
     g_rt.live--;
     g_rt.exited++;
@@ -947,7 +949,7 @@ inline void set_fault(int kind, const std::string& message, const Fiber* f) {
     if (f) { g_rt.fault.thread = f->tid; g_rt.fault.has_thread = true; }
 }
 
-inline void poison_shared_memory() {
+NATGEN_EMU_NOSAN inline void poison_shared_memory() {
     if (__start_natgen_shared) std::memset(__start_natgen_shared, 0xff, static_shared_bytes());
     if (g_rt.dyn_bytes) std::memset(g_rt.dyn_data, 0xff, g_rt.dyn_bytes);
 }

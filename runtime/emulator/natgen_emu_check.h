@@ -221,10 +221,6 @@ NATGEN_EMU_NOSAN inline void check_byte(Cell& c, Fiber* f, const unsigned char* 
     const uint32_t E = g_check.epoch, me = thread_id(f);
     const uint32_t floor = shared ? g_check.block_epoch : g_check.launch_epoch;
     const bool reads = kind == ACCESS_READ || kind == ACCESS_ATOMIC;
-    if (shared && g_check.initcheck && reads && c.init != g_check.block_epoch)
-        fiber_fault_as(f, FAULT_UNINIT, format("%s of %s by thread %s at {pc:%x}, which no thread of the block has "
-                                         "written in this launch", kind == ACCESS_READ ? "read" : "atomic read",
-                                         where_text(p).c_str(), tid_str(f).c_str(), pc));
     if (g_check.racecheck) {
         if (shared && c.p_epoch == g_check.block_epoch && c.p_tid != kNone)
             race(f, p, kind, pc, "cp.async", c.p_tid, c.p_pc,
@@ -249,6 +245,11 @@ NATGEN_EMU_NOSAN inline void check_byte(Cell& c, Fiber* f, const unsigned char* 
                 race(f, p, kind, pc, "read", c.rf_tid, c.rf_pc, unordered_reason(f, c.rf_epoch, c.rf_tid));
         }
     }
+    // after the race checks: a read of a cp.async destination in flight is reported as that race
+    if (shared && g_check.initcheck && reads && c.init != g_check.block_epoch)
+        fiber_fault_as(f, FAULT_UNINIT, format("%s of %s by thread %s at {pc:%x}, which no thread of the block has "
+                                         "written in this launch", kind == ACCESS_READ ? "read" : "atomic read",
+                                         where_text(p).c_str(), tid_str(f).c_str(), pc));
     if (kind == ACCESS_READ) {
         if (!g_check.racecheck) return;
         if (c.r_epoch != E) {
