@@ -16,9 +16,11 @@ def emulator_wide() -> bool:
     return os.environ.get("NATGEN_EMU_WIDE", "") not in ("", "0")
 
 
-def emulator_checks_on() -> bool:
-    """The op-level emulated tiers run with racecheck and initcheck unless NATGEN_EMU_CHECKS=0."""
-    return os.environ.get("NATGEN_EMU_CHECKS", "1") not in ("", "0")
+def emulator_tier_racecheck() -> str:
+    """The op-level emulated tiers' racecheck: NATGEN_EMU_CHECKS=0 turns the checks off (to measure
+    their cost), =global adds the tensors to racecheck; anything else: shared memory."""
+    value = os.environ.get("NATGEN_EMU_CHECKS", "1").strip().lower()
+    return {"0": "0", "": "0", "global": "global"}.get(value, "1")
 
 
 @pytest.fixture
@@ -28,13 +30,25 @@ def clean_emulator_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def _set_checks(monkeypatch, racecheck: str) -> None:
+    if racecheck != "0":
+        monkeypatch.setenv("NATGEN_EMU_RACECHECK", racecheck)
+        monkeypatch.setenv("NATGEN_EMU_INITCHECK", "1")
+
+
 @pytest.fixture
 def emulator_checks(monkeypatch, clean_emulator_env):
     """Every launch of the test runs with racecheck and initcheck (through the environment, so the op
     layer's calls are covered without passing anything)."""
-    if emulator_checks_on():
-        monkeypatch.setenv("NATGEN_EMU_RACECHECK", "1")
-        monkeypatch.setenv("NATGEN_EMU_INITCHECK", "1")
+    _set_checks(monkeypatch, emulator_tier_racecheck())
+
+
+@pytest.fixture
+def emulator_checks_global(monkeypatch, clean_emulator_env):
+    """emulator_checks with racecheck over the tensors as well: for kernels without shared memory (the
+    SIMT family), where that is the only race there can be."""
+    racecheck = emulator_tier_racecheck()
+    _set_checks(monkeypatch, "global" if racecheck == "1" else racecheck)
 
 
 def _bits(value):
@@ -55,7 +69,7 @@ def _same_bits(a, b) -> bool:
 
 
 @pytest.fixture
-def schedules(request, monkeypatch, emulator_checks):
+def schedules(request, monkeypatch):
     """run(fn): fn() under the default schedule, then under shuffled ones (NATGEN_EMU_SEED); the results
     must be bit-identical (the forward kernels are deterministic). Returns the default run's result.
 

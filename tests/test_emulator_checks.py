@@ -10,6 +10,8 @@ natgen's own generated kernels must be caught as well.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -492,3 +494,12 @@ def test_bad_arguments_are_named(run):
         run("shift", 1, 32, [torch.zeros(32), torch.zeros(32), 1], initcheck=1)
     with pytest.raises(emu.LaunchConfigError, match="seed=1.5 must be an int or None"):
         run("shift", 1, 32, [torch.zeros(32), torch.zeros(32), 1], seed=1.5)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_check_kernels_are_valid_cuda(tmp_path):
+    path = tmp_path / "checks.cu"
+    path.write_text(CHECKS_SRC)
+    proc = subprocess.run(["nvcc", "-arch=sm_80", "-std=c++17", "-c", f"-I{emu.build.templates_dir()}", str(path),
+                           "-o", str(tmp_path / "checks.o")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,8 @@
 """Emulated tier, SIMT family: the generated CUDA source run on the CPU against the float64 oracle.
 
-Every launch runs with racecheck and initcheck (the emulator_checks fixture), and every case under the
-default schedule and a shuffled one, with bit-identical results (the schedules fixture, tests/conftest.py).
+Every launch runs with racecheck over the tensors (the family has no shared memory) and initcheck (the
+emulator_checks_global fixture), and every case under the default schedule and a shuffled one, with
+bit-identical results (the schedules fixture, tests/conftest.py).
 """
 import os
 import random
@@ -15,7 +16,7 @@ from natgen.manifest import load
 from conftest import emulator_wide
 from oracle import assert_close_by_rule
 
-pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulator_checks"),
+pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulator_checks_global"),
               pytest.mark.skipif(not ops.BACKENDS["emulator"].available(), reason="emulator not built")]
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
