@@ -19,6 +19,8 @@
 // A conflict is a write/write or write/read pair of one byte by different threads that is not ordered.
 // Atomics are checked against the plain accesses of other threads (like a write) and are not recorded
 // as accesses themselves, so atomics never race with each other.
+// Not seen: accesses inside library calls the compiler leaves as calls (a memcpy of a size it does not
+// know), and ordering through fences and flags (__threadfence + a spin on a flag is reported as a race).
 #pragma once
 #ifndef NATGEN_EMU_CHECK_H
 #define NATGEN_EMU_CHECK_H
