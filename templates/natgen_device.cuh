@@ -30,7 +30,7 @@
 //       (row L/4, cols 2(L%4), 2(L%4)+1), or with _trans (rows 2(L%4), 2(L%4)+1; col L/4).
 //   ng::cp_async_16/8/4(void* smem, const void* gmem)
 //   ng::cp_async_16_zfill(void* smem, const void* gmem, int src_size)  copies src_size bytes, zero-fills the rest
-//   ng::cp_async_commit(), ng::cp_async_wait<N>()   (emulated: the copies happen synchronously, in order)
+//   ng::cp_async_commit(), ng::cp_async_wait<N>()   (emulated: a copy lands at the wait that covers its group)
 #pragma once
 #ifndef NATGEN_DEVICE_CUH
 #define NATGEN_DEVICE_CUH
@@ -181,16 +181,14 @@ inline void ldmatrix_x4(uint32_t* r, const void* p) { ::natgen_emu::ldmatrix_syn
 inline void ldmatrix_x1_trans(uint32_t* r, const void* p) { ::natgen_emu::ldmatrix_sync(r, p, 1, true, __LINE__); }
 inline void ldmatrix_x2_trans(uint32_t* r, const void* p) { ::natgen_emu::ldmatrix_sync(r, p, 2, true, __LINE__); }
 inline void ldmatrix_x4_trans(uint32_t* r, const void* p) { ::natgen_emu::ldmatrix_sync(r, p, 4, true, __LINE__); }
-inline void cp_async_16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
-inline void cp_async_8(void* smem, const void* gmem) { std::memcpy(smem, gmem, 8); }
-inline void cp_async_4(void* smem, const void* gmem) { std::memcpy(smem, gmem, 4); }
+inline void cp_async_16(void* smem, const void* gmem) { ::natgen_emu::cp_async(smem, gmem, 16, 16); }
+inline void cp_async_8(void* smem, const void* gmem) { ::natgen_emu::cp_async(smem, gmem, 8, 8); }
+inline void cp_async_4(void* smem, const void* gmem) { ::natgen_emu::cp_async(smem, gmem, 4, 4); }
 inline void cp_async_16_zfill(void* smem, const void* gmem, int src_size) {
-    const int n = src_size < 0 ? 0 : (src_size > 16 ? 16 : src_size);
-    if (n) std::memcpy(smem, gmem, size_t(n));
-    std::memset(static_cast<unsigned char*>(smem) + n, 0, size_t(16 - n));
+    ::natgen_emu::cp_async(smem, gmem, 16, src_size);
 }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+inline void cp_async_commit() { ::natgen_emu::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { ::natgen_emu::cp_async_wait(N); }
 #endif
 
 }  // namespace ng

@@ -126,7 +126,9 @@ def random_cases(count: int, seed: int = 1234):
 
 
 def sample_size() -> int:
-    return int(os.environ.get("NATGEN_EMULATED_SAMPLES", "4"))
+    """NATGEN_EMULATED_SAMPLES, else 4 (16 with NATGEN_EMU_WIDE=1)."""
+    wide = os.environ.get("NATGEN_EMU_WIDE", "") not in ("", "0")
+    return int(os.environ.get("NATGEN_EMULATED_SAMPLES", "16" if wide else "4"))
 
 
 def make_inputs(c: Case, device="cpu"):
@@ -157,11 +159,13 @@ def family_instance(c: Case, problem, target):
     return ranked[0].instance
 
 
-def run_case(c: Case, backend: str, public: bool = False):
-    """Run one case on `backend` ("emulator" or "cuda") and check it against the float64 oracle.
+def run_case(c: Case, backend: str, public: bool = False, source_edit=None):
+    """Run one case on `backend` ("emulator" or "cuda"), check it against the float64 oracle, return (out, lse).
 
     public=False launches the family's best instance through the runtime's launch plan; public=True asserts
-    that natgen.choose picks the case's family and runs through natgen.naXd (only for `selected` cases)."""
+    that natgen.choose picks the case's family and runs through natgen.naXd (only for `selected` cases).
+    source_edit (emulator, public=False): a function of the instance's CUDA source whose result is launched
+    instead (tests that plant a bug in a generated kernel); the oracle check is then skipped."""
     import natgen
     from natgen import selector
     from natgen.problem import make_problem
@@ -186,8 +190,21 @@ def run_case(c: Case, backend: str, public: bool = False):
         else:
             target = selector.Target("cuda", "sm_80")
         instance = family_instance(c, problem, target)
+        if source_edit is not None:
+            assert backend == "emulator", "source edits run through the emulator"
+            from natgen import emulator
+            from natgen.launch import KernelCall
+            source = instance.source_path.read_text()
+            edited = source_edit(source)
+            assert edited != source, f"{c.id}: the source edit changed nothing"
+            call = KernelCall(instance, problem)
+            call.launcher = lambda tensors: emulator.launch(edited, instance.entry["symbol"], call.plan.grid,
+                                                            call.plan.block, call.plan.bind(tensors),
+                                                            shared_mem=call.plan.shared_mem)
+            return call(dq, dk, dv, dek, dev)
         out, lse = natgen.ops.run_instance(instance.name, c.rank, dq, dk, dv, via=backend, **kw)
         if backend == "cuda":
             torch.cuda.synchronize()
     assert_close_by_rule(out.cpu(), q, k, v, lse=lse.cpu(), **params(c, extra_k, extra_v))
     assert math.isfinite(lse.float().abs().max().item())
+    return out, lse

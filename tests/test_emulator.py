@@ -20,7 +20,7 @@ import torch
 
 from natgen import emulator as emu
 
-pytestmark = pytest.mark.emulated
+pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("clean_emulator_env")]
 
 TEMPLATES = Path(emu.build.templates_dir())
 
@@ -193,12 +193,12 @@ extern "C" __global__ void neighbor_fixed(const float* x, float* y) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) barrier_bench(float* __restrict__ out, int iters) {
-    __shared__ float buf[256];
+    __shared__ float buf[2][256];  // double-buffered: one barrier per iteration orders every reuse
     float acc = 0.f;
     for (int i = 0; i < iters; ++i) {
-        buf[threadIdx.x] = acc + float(i);
+        buf[i & 1][threadIdx.x] = acc + float(i);
         __syncthreads();
-        acc += buf[(threadIdx.x + 1) % blockDim.x];
+        acc += buf[i & 1][(threadIdx.x + 1) % blockDim.x];
     }
     out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }

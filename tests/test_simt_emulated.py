@@ -1,4 +1,9 @@
-"""Emulated tier, SIMT family: the generated CUDA source run on the CPU against the float64 oracle."""
+"""Emulated tier, SIMT family: the generated CUDA source run on the CPU against the float64 oracle.
+
+Every launch runs with racecheck over the tensors (the family has no shared memory) and initcheck (the
+emulator_checks_global fixture), and every case under the default schedule and a shuffled one, with
+bit-identical results (the schedules fixture, tests/conftest.py).
+"""
 import os
 import random
 
@@ -8,9 +13,10 @@ import torch
 import natgen
 from natgen import ops
 from natgen.manifest import load
+from conftest import emulator_wide
 from oracle import assert_close_by_rule
 
-pytestmark = [pytest.mark.emulated,
+pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulator_checks_global"),
               pytest.mark.skipif(not ops.BACKENDS["emulator"].available(), reason="emulator not built")]
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -53,31 +59,31 @@ CORE = [
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("case", CORE, ids=lambda c: f"r{c[0]}_{'x'.join(map(str, c[1]))}")
-def test_generic_simt_against_oracle(case, dtype):
+def test_generic_simt_against_oracle(case, dtype, schedules):
     rank, spatial, kernel, stride, dilation, causal, n_extra = case
     q, k, v, extra = random_inputs(hash(case) % 1000, 2, spatial, 2, 32, DTYPES[dtype], n_extra)
     instance = simt_instance(rank, dtype, 32, causal=causal)
     params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
-    out, lse = ops.run_instance(instance.name, rank, q, k, v, **params, **extra)
+    out, lse = schedules(lambda: ops.run_instance(instance.name, rank, q, k, v, **params, **extra))
     assert_close_by_rule(out, q, k, v, lse=lse, **params, **extra)
 
 
 @pytest.mark.parametrize("rank, kernel", [(1, 13), (2, 7), (3, 3)])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
-def test_specialized_simt_against_oracle(rank, kernel, head_dim):
+def test_specialized_simt_against_oracle(rank, kernel, head_dim, schedules):
     spatial = {1: (kernel + 9,), 2: (kernel + 3, kernel + 2), 3: (kernel + 2, kernel + 1, kernel)}[rank]
     dtype = ["f32", "f16", "bf16"][head_dim // 64]
     q, k, v, _ = random_inputs(kernel * head_dim, 1, spatial, 2, head_dim, DTYPES[dtype])
     instance = simt_instance(rank, dtype, head_dim, kernel_size=kernel)
-    out, lse = ops.run_instance(instance.name, rank, q, k, v, kernel)
+    out, lse = schedules(lambda: ops.run_instance(instance.name, rank, q, k, v, kernel))
     assert_close_by_rule(out, q, k, v, lse=lse, kernel_size=kernel)
 
 
-def test_emulator_backend_runs_what_the_selector_picks():
+def test_emulator_backend_runs_what_the_selector_picks(schedules):
     q, k, v, _ = random_inputs(5, 1, (9, 9), 2, 32, torch.float32)
     backend, name = natgen.choose(2, q, k, v, 5, backend="emulator")
     assert backend == "emulator" and name is not None and "_k5x5_" in name
-    out = natgen.na2d(q, k, v, 5, backend="emulator")
+    out = schedules(lambda: natgen.na2d(q, k, v, 5, backend="emulator"))
     assert_close_by_rule(out, q, k, v, kernel_size=5)
 
 
@@ -103,16 +109,17 @@ def random_cases(count, seed):
         yield rank, spatial, kernel, stride, dilation, causal, rng.choice([0, 0, 3]), rng.choice(["f32", "f16", "bf16"])
 
 
-SAMPLES = int(os.environ.get("NATGEN_EMULATED_SAMPLES", "6"))
+# NATGEN_EMULATED_SAMPLES sets the count; NATGEN_EMU_WIDE=1 samples four times as many
+SAMPLES = int(os.environ.get("NATGEN_EMULATED_SAMPLES", "24" if emulator_wide() else "6"))
 
 
 @pytest.mark.parametrize("case", list(random_cases(SAMPLES, 1234)), ids=lambda c: f"r{c[0]}_{c[7]}")
-def test_random_sample_against_oracle(case):
+def test_random_sample_against_oracle(case, schedules):
     rank, spatial, kernel, stride, dilation, causal, n_extra, dtype = case
     q, k, v, extra = random_inputs(sum(spatial), 1, spatial, 2, 32, DTYPES[dtype], n_extra)
     instance = simt_instance(rank, dtype, 32, causal=causal)
     params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
-    out, lse = ops.run_instance(instance.name, rank, q, k, v, **params, **extra)
+    out, lse = schedules(lambda: ops.run_instance(instance.name, rank, q, k, v, **params, **extra))
     assert_close_by_rule(out, q, k, v, lse=lse, **params, **extra)
 
 

@@ -4,8 +4,10 @@ One module per source text: every non-template `__global__` function found at fi
 `extern "C" { }`) gets an entry, so launching several kernels of one source compiles once.
 
 Two kinds of shared object live in the cache directory:
-  * kernel modules, one per source: natgen_emu.h + the source + natgen_emu_module.h, a plain shared
-    object exporting the C table of natgen_emu_abi.h (no pybind11, no Python headers: ~1 s to compile);
+  * kernel modules, one per source and variant: natgen_emu.h + the source + natgen_emu_module.h, a plain
+    shared object exporting the C table of natgen_emu_abi.h (no pybind11, no Python headers: ~1 s to
+    compile). The checked variant (racecheck/initcheck) is compiled with -fsanitize=thread, whose memory
+    access callbacks natgen_emu_check.h implements, and with line tables for its reports;
   * the host module, natgen_emu_host.cpp: the one pybind11 extension, compiled once per cache directory
     (and compiler / Python / pybind11 version), which dlopen()s kernel modules and launches them.
 """
@@ -40,9 +42,14 @@ COMPILE_FLAGS = (
     "-fstack-clash-protection",
     "-DNATGEN_EMULATOR=1",
 )
+# the checked variant: every load/store of kernel code calls a natgen_emu_check.h hook; no ThreadSanitizer
+# runtime is linked (compile and link are separate steps so the driver does not add it)
+SANITIZE_FLAGS = ("-fsanitize=thread", "-g1", "-DNATGEN_EMU_SANITIZE=1")
+GCC_SANITIZE_FLAGS = ("--param", "tsan-instrument-func-entry-exit=0")
+SANITIZE_LINK_FLAGS = ("-shared", "-Wl,--no-undefined", "-ldl")
 HOST_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 # what a kernel module is compiled against (besides the source and natgen_device.cuh)
-KERNEL_HEADERS = ("natgen_emu.h", "natgen_emu_abi.h", "natgen_emu_module.h")
+KERNEL_HEADERS = ("natgen_emu.h", "natgen_emu_check.h", "natgen_emu_abi.h", "natgen_emu_module.h")
 HOST_SOURCES = ("natgen_emu_host.cpp", "natgen_emu_abi.h")
 
 _memory_cache: dict[str, "CompiledSource"] = {}
@@ -241,11 +248,16 @@ def _header_texts() -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-def cache_key(source: str, include_dirs: tuple[str, ...], filename: str) -> str:
+def sanitize_flags(cxx: str) -> tuple[str, ...]:
+    return SANITIZE_FLAGS + (() if "clang" in compiler_id(cxx).lower() else GCC_SANITIZE_FLAGS)
+
+
+def cache_key(source: str, include_dirs: tuple[str, ...], filename: str, sanitize: bool = False) -> str:
     """Key of a kernel module: everything its object code depends on (it holds no Python/pybind11 code)."""
     cxx = compiler()
+    flags = COMPILE_FLAGS + (sanitize_flags(cxx) + SANITIZE_LINK_FLAGS if sanitize else ())
     return _hash_parts([source.encode(), *_header_texts(), compiler_id(cxx).encode(), cxx.encode(),
-                        " ".join(COMPILE_FLAGS).encode(), WRAPPER_VERSION.encode(), platform.machine().encode(),
+                        " ".join(flags).encode(), WRAPPER_VERSION.encode(), platform.machine().encode(),
                         "\0".join(include_dirs).encode(), filename.encode()])
 
 
@@ -265,7 +277,8 @@ def _run_compiler(cmd: list[str], build: Path, out: Path, target: Path, what: st
     os.replace(out, target)  # atomic: readers see the old entry or the complete new one
 
 
-def _compile(source: str, key: str, kernels: list[KernelDecl], include_dirs: tuple[str, ...], filename: str) -> Path:
+def _compile(source: str, key: str, kernels: list[KernelDecl], include_dirs: tuple[str, ...], filename: str,
+             sanitize: bool = False) -> Path:
     target = module_path(key)
     target.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
@@ -273,11 +286,18 @@ def _compile(source: str, key: str, kernels: list[KernelDecl], include_dirs: tup
         (build / filename).write_text(rewrite_dynamic_shared(source))
         (build / "wrapper.cpp").write_text(wrapper_source(filename, kernels, key))
         out = build / target.name
-        cmd = [compiler(), *COMPILE_FLAGS,
-               f"-I{EMULATOR_DIR}", f"-I{templates_dir()}", *(f"-I{d}" for d in include_dirs),
-               "-x", "c++", "wrapper.cpp", "-o", str(out)]
+        includes = [f"-I{EMULATOR_DIR}", f"-I{templates_dir()}", *(f"-I{d}" for d in include_dirs)]
         stats["compiles"] += 1
-        _run_compiler(cmd, build, out, target, filename)
+        if sanitize:
+            obj = build / "wrapper.o"
+            flags = [f for f in COMPILE_FLAGS if f != "-shared"]
+            cmd = [compiler(), *flags, *sanitize_flags(compiler()), *includes, "-x", "c++", "-c", "wrapper.cpp",
+                   "-o", str(obj)]
+            _run_compiler(cmd, build, obj, obj, filename)
+            _run_compiler([compiler(), *SANITIZE_LINK_FLAGS, str(obj), "-o", str(out)], build, out, target, filename)
+        else:
+            cmd = [compiler(), *COMPILE_FLAGS, *includes, "-x", "c++", "wrapper.cpp", "-o", str(out)]
+            _run_compiler(cmd, build, out, target, filename)
         return target
     finally:
         shutil.rmtree(build, ignore_errors=True)
@@ -343,18 +363,21 @@ def _load(path: Path, key: str):
     return host_module().KernelModule(str(path), key)
 
 
-def compile_to_cache(source: str, include_dirs: tuple[str, ...] = (), filename: str = "kernel.cu") -> Path:
+def compile_to_cache(source: str, include_dirs: tuple[str, ...] = (), filename: str = "kernel.cu",
+                     sanitize: bool = False) -> Path:
     """Ensure the module for `source` is in the disk cache (compiling if needed); return its path."""
-    key = cache_key(source, tuple(include_dirs), filename)
+    key = cache_key(source, tuple(include_dirs), filename, sanitize)
     path = module_path(key)
     if not path.exists():
-        _compile(source, key, find_kernels(source), tuple(include_dirs), filename)
+        _compile(source, key, find_kernels(source), tuple(include_dirs), filename, sanitize)
     return path
 
 
-def load_source(source: str, include_dirs: tuple[str, ...] = (), filename: str = "kernel.cu") -> CompiledSource:
+def load_source(source: str, include_dirs: tuple[str, ...] = (), filename: str = "kernel.cu",
+                sanitize: bool = False) -> CompiledSource:
+    """The module of `source`; sanitize=True: the variant built for racecheck/initcheck."""
     include_dirs = tuple(str(d) for d in include_dirs)
-    key = cache_key(source, include_dirs, filename)
+    key = cache_key(source, include_dirs, filename, sanitize)
     with _lock:
         cached = _memory_cache.get(key)
         if cached is not None:
@@ -373,7 +396,7 @@ def load_source(source: str, include_dirs: tuple[str, ...] = (), filename: str =
                 stats["corrupt_entries"] += 1
                 native = None
         if native is None:
-            _compile(source, key, kernels, include_dirs, filename)
+            _compile(source, key, kernels, include_dirs, filename, sanitize)
             native = _load(path, key)
         param_info = {name: (blob_size, [tuple(p) for p in params]) for name, blob_size, params in native.kernels()}
         compiled = CompiledSource(key, native, {k.name: k for k in kernels}, param_info)

@@ -69,6 +69,23 @@ class EmulatorTimeout(EmulatorError):
     """The launch ran longer than its `timeout`."""
 
 
+class RaceError(EmulatorError):
+    """racecheck: two threads accessed one byte, at least one writing, with nothing ordering the accesses.
+
+    `thread` made the second access; `other_thread` (of `other_block`) the first. The message names the
+    memory (shared array or offset, or argument and offset) and both source lines."""
+
+    def __init__(self, detail: str, kernel: str | None = None, block: tuple | None = None,
+                 thread: tuple | None = None, other_block: tuple | None = None, other_thread: tuple | None = None):
+        super().__init__(detail, kernel, block, thread)
+        self.other_block = other_block
+        self.other_thread = other_thread
+
+
+class UninitializedReadError(EmulatorError):
+    """initcheck: a read of a shared memory byte that no thread of the block has written in this launch."""
+
+
 # Indexed by natgen_emu::FaultKind (runtime/emulator/natgen_emu.h).
 FAULT_CLASSES = {
     1: BarrierError,
@@ -81,4 +98,6 @@ FAULT_CLASSES = {
     8: KernelAbort,
     9: EmulatorTimeout,
     10: LaunchConfigError,
+    11: RaceError,
+    12: UninitializedReadError,
 }

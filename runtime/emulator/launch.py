@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numbers
+import os
 import struct
 from typing import Any, Sequence
 
 import torch
 
 from .build import CompiledSource, load_source
-from .errors import FAULT_CLASSES, ArgumentError, EmulatorError, LaunchConfigError
+from .errors import FAULT_CLASSES, ArgumentError, EmulatorError, LaunchConfigError, RaceError
+from .symbols import resolve
 
 # pointee/scalar type code (natgen_emu.h TypeCode) -> torch dtypes a tensor argument may have
 POINTEE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
@@ -127,6 +129,50 @@ def _regions(tensors):
     return regions, fixups
 
 
+RACECHECK_LEVELS = {False: 0, True: 1, "shared": 1, "global": 2}
+_ENV_RACECHECK = {"": 0, "0": 0, "off": 0, "false": 0, "1": 1, "on": 1, "true": 1, "shared": 1, "global": 2}
+_ENV_FLAG = {"": False, "0": False, "off": False, "false": False, "1": True, "on": True, "true": True}
+
+
+def resolve_seed(seed: int | None) -> int | None:
+    """`seed`, or NATGEN_EMU_SEED when it is None (unset or empty: the default schedule)."""
+    if seed is not None:
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise LaunchConfigError(f"seed={seed!r} must be an int or None")
+        return int(seed)
+    text = os.environ.get("NATGEN_EMU_SEED", "").strip()
+    if not text:
+        return None
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise LaunchConfigError(f"NATGEN_EMU_SEED={text!r} must be an integer (or empty for the default schedule)") from None
+
+
+def resolve_racecheck(racecheck) -> int:
+    """0 (off), 1 (shared memory) or 2 (shared and global memory); None reads NATGEN_EMU_RACECHECK."""
+    if racecheck is None:
+        text = os.environ.get("NATGEN_EMU_RACECHECK", "").strip().lower()
+        if text not in _ENV_RACECHECK:
+            raise LaunchConfigError(f"NATGEN_EMU_RACECHECK={text!r} must be one of 0, 1, shared, global")
+        return _ENV_RACECHECK[text]
+    if isinstance(racecheck, (bool, str)) and racecheck in RACECHECK_LEVELS:
+        return RACECHECK_LEVELS[racecheck]
+    raise LaunchConfigError(f"racecheck={racecheck!r} must be None, False, True, 'shared' or 'global'")
+
+
+def resolve_initcheck(initcheck) -> bool:
+    """initcheck, or NATGEN_EMU_INITCHECK when it is None."""
+    if initcheck is None:
+        text = os.environ.get("NATGEN_EMU_INITCHECK", "").strip().lower()
+        if text not in _ENV_FLAG:
+            raise LaunchConfigError(f"NATGEN_EMU_INITCHECK={text!r} must be 0 or 1")
+        return _ENV_FLAG[text]
+    if not isinstance(initcheck, bool):
+        raise LaunchConfigError(f"initcheck={initcheck!r} must be None, False or True")
+    return initcheck
+
+
 def launch(
     source: str,
     kernel_name: str,
@@ -138,6 +184,8 @@ def launch(
     checked: bool = True,
     timeout: float | None = None,
     *,
+    racecheck: bool | str | None = None,
+    initcheck: bool | None = None,
     include_dirs: Sequence[str] = (),
     filename: str = "kernel.cu",
 ) -> None:
@@ -145,15 +193,20 @@ def launch(
 
     Tensor arguments (CPU) are written in place. `seed` shuffles the order in which threads run between
     synchronisation points; `checked` runs the kernel on guarded copies of the tensors so that any
-    out-of-bounds access raises; `timeout` (seconds) bounds the launch. Raises an EmulatorError subclass
-    on any fault of the kernel.
+    out-of-bounds access raises; `timeout` (seconds) bounds the launch. `racecheck` (True or "shared":
+    shared memory; "global": shared memory and the tensors) raises RaceError on conflicting accesses of
+    two threads with nothing ordering them; `initcheck` raises UninitializedReadError on a read of shared
+    memory no thread of the block has written. seed, racecheck and initcheck left at None come from
+    NATGEN_EMU_SEED, NATGEN_EMU_RACECHECK and NATGEN_EMU_INITCHECK. Raises an EmulatorError subclass on
+    any fault of the kernel.
     """
     grid3, block3 = _dim3(grid, "grid"), _dim3(block, "block")
     if not isinstance(shared_mem, numbers.Integral) or shared_mem < 0:
         raise LaunchConfigError(f"shared_mem={shared_mem!r} must be a non-negative int (bytes)")
-    if seed is not None and not isinstance(seed, numbers.Integral):
-        raise LaunchConfigError(f"seed={seed!r} must be an int or None")
-    compiled = load_source(source, tuple(include_dirs), filename)
+    seed = resolve_seed(seed)
+    race_level, init_on = resolve_racecheck(racecheck), resolve_initcheck(initcheck)
+    sanitize = race_level > 0 or init_on
+    compiled = load_source(source, tuple(include_dirs), filename, sanitize=sanitize)
     if kernel_name not in compiled.param_info:
         known = ", ".join(sorted(compiled.param_info)) or "none"
         raise LaunchConfigError(f"no __global__ function {kernel_name!r} in the source (found: {known})")
@@ -161,11 +214,16 @@ def launch(
     regions, fixups = _regions(tensors)
     fault = compiled.native.launch(
         kernel_name, grid3, block3, int(shared_mem), None if seed is None else int(seed) & (2**64 - 1),
-        bool(checked), float(timeout or 0.0), blob, regions, fixups,
+        bool(checked), float(timeout or 0.0), blob, regions, fixups, race_level, init_on,
     )
     if fault is not None:
-        kind, message, block_index, thread_index = fault
+        kind, message, block_index, thread_index, other = fault
         error_class = FAULT_CLASSES.get(kind, EmulatorError)
+        if sanitize:
+            message = resolve(message, compiled.native.path)
         launch_level = error_class in (LaunchConfigError,) or (thread_index is None and kind == 4)
-        raise error_class(message, kernel=kernel_name, block=None if launch_level else tuple(block_index),
-                          thread=None if thread_index is None else tuple(thread_index))
+        where = dict(kernel=kernel_name, block=None if launch_level else tuple(block_index),
+                     thread=None if thread_index is None else tuple(thread_index))
+        if error_class is RaceError and other is not None:
+            where.update(other_block=tuple(other[0]), other_thread=tuple(other[1]))
+        raise error_class(message, **where)

@@ -46,6 +46,17 @@
 #include <ucontext.h>
 #endif
 
+// Runtime code that a kernel calls, and that touches shared memory on a thread's behalf, is never
+// instrumented in a sanitized build (natgen_emu_check.h): it reports its accesses itself. ENTRY also keeps
+// such a function out of line, so that the instrumentation of the kernel cannot reach into it and
+// __builtin_return_address(0) is the kernel's call site.
+#define NATGEN_EMU_NOSAN __attribute__((no_sanitize_thread))
+#ifdef NATGEN_EMU_SANITIZE
+#define NATGEN_EMU_ENTRY __attribute__((noinline, no_sanitize_thread))
+#else
+#define NATGEN_EMU_ENTRY inline
+#endif
+
 // ------------------------------------------------------------------------------------------------
 // CUDA language surface
 // ------------------------------------------------------------------------------------------------
@@ -283,7 +294,8 @@ namespace natgen_emu {
 
 enum FaultKind : int {
     FAULT_NONE = 0, FAULT_BARRIER, FAULT_DEADLOCK, FAULT_WARP, FAULT_SHARED_MEMORY, FAULT_MEMORY,
-    FAULT_STACK_OVERFLOW, FAULT_ARITHMETIC, FAULT_ABORT, FAULT_TIMEOUT, FAULT_LAUNCH_CONFIG,
+    FAULT_STACK_OVERFLOW, FAULT_ARITHMETIC, FAULT_ABORT, FAULT_TIMEOUT, FAULT_LAUNCH_CONFIG, FAULT_RACE,
+    FAULT_UNINIT,
 };
 enum FiberState : int { RUNNABLE = 0, WAIT_BARRIER, WAIT_WARP, EXITED };
 enum WarpOp : int {
@@ -327,6 +339,16 @@ struct Fiber {
     uint64_t value, result;
     const void* ptrs[4];
     void* out;
+    // racecheck: Lamport clock over the warp's collectives; pc of a pending ldmatrix (natgen_emu_check.h)
+    uint32_t clock, pc;
+    // cp.async copies issued and not landed yet, in issue order; groups committed so far
+    std::vector<struct AsyncCopy> async;
+    uint32_t async_committed;
+};
+struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char data[16];
+    uint32_t bytes, group, pc;
 };
 
 struct WarpGroup { unsigned mask, arrived; int op, line; };
@@ -349,6 +371,8 @@ struct Fault {
     std::string message;
     uint3 block{0, 0, 0}, thread{0, 0, 0};
     bool has_thread = false;
+    uint3 other_block{0, 0, 0}, other_thread{0, 0, 0};  // the other thread of a race
+    bool has_other = false;
 };
 
 struct Runtime {
@@ -397,10 +421,13 @@ Runtime g_rt;
 
 extern "C" __attribute__((weak, visibility("hidden"))) unsigned char __start_natgen_shared[];
 extern "C" __attribute__((weak, visibility("hidden"))) unsigned char __stop_natgen_shared[];
-inline size_t static_shared_bytes() {
+NATGEN_EMU_NOSAN inline size_t static_shared_bytes() {
     return __start_natgen_shared ? size_t(__stop_natgen_shared - __start_natgen_shared) : 0;
 }
 constexpr size_t kMaxSharedBytes = 227 * 1024;
+
+inline size_t page_size() { return size_t(sysconf(_SC_PAGESIZE)); }
+inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
 
 inline double now_seconds() {
     timespec ts;
@@ -418,7 +445,7 @@ inline void shuffle_if_seeded(Fiber** first, size_t n) {
     for (size_t i = n; i > 1; --i) std::swap(first[i - 1], first[next_random() % i]);
 }
 inline std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-inline std::string format(const char* fmt, ...) {
+NATGEN_EMU_NOSAN inline std::string format(const char* fmt, ...) {
     char buf[1024];
     va_list ap;
     va_start(ap, fmt);
@@ -426,7 +453,7 @@ inline std::string format(const char* fmt, ...) {
     va_end(ap);
     return buf;
 }
-inline std::string tid_str(const Fiber* f) {
+NATGEN_EMU_NOSAN inline std::string tid_str(const Fiber* f) {
     return format("(%u,%u,%u)", f->tid.x, f->tid.y, f->tid.z);
 }
 
@@ -497,28 +524,35 @@ inline void switch_to_fiber(Fiber* f) { swapcontext(&g_rt.sched_uc, &f->uc); }
 inline void switch_to_scheduler(Fiber* f) { swapcontext(&f->uc, &g_rt.sched_uc); }
 #endif
 
-// A fault found inside a fiber: record it and leave the fiber for good (never unwinds its stack).
-[[noreturn]] inline void fiber_fault(int kind, const std::string& message) {
+// A fault found inside a fiber: record it (as thread `who`'s) and leave the running fiber for good
+// (never unwinds its stack). `who` differs from the running fiber when the last lane of a warp
+// collective finds the fault of another lane.
+[[noreturn]] NATGEN_EMU_NOSAN inline void fiber_fault_as(const Fiber* who, int kind, const std::string& message) {
     Fiber* f = g_rt.current;
     if (g_rt.fault.kind == FAULT_NONE) {
         g_rt.fault.kind = kind;
         g_rt.fault.message = message;
         g_rt.fault.block = blockIdx;
-        if (f) { g_rt.fault.thread = f->tid; g_rt.fault.has_thread = true; }
+        if (who) { g_rt.fault.thread = who->tid; g_rt.fault.has_thread = true; }
     }
     switch_to_scheduler(f);
     __builtin_unreachable();
 }
+[[noreturn]] inline void fiber_fault(int kind, const std::string& message) { fiber_fault_as(g_rt.current, kind, message); }
 
 inline void make_runnable(Fiber* f) {
     f->state = RUNNABLE;
     g_rt.runq.push_back(f);
 }
 
+}  // namespace natgen_emu
+#include "natgen_emu_check.h"
+namespace natgen_emu {
+
 // ------------------------------------------------------------------------------------------------
 // __syncthreads
 // ------------------------------------------------------------------------------------------------
-inline int block_barrier(const char* file, int line, int pred) {
+NATGEN_EMU_ENTRY int block_barrier(const char* file, int line, int pred) {
     Fiber* f = g_rt.current;
     if (g_rt.exited > 0) {
         fiber_fault(FAULT_BARRIER,
@@ -549,6 +583,7 @@ inline int block_barrier(const char* file, int line, int pred) {
         for (Fiber* other : g_rt.scratch) make_runnable(other);
         g_rt.bar_waiting = 0;
         g_rt.bar_gen++;
+        check_barrier_done();
         g_rt.bar_count[parity ^ 1] = 0;
     }
     switch_to_scheduler(f);
@@ -558,9 +593,11 @@ inline int block_barrier(const char* file, int line, int pred) {
 // ------------------------------------------------------------------------------------------------
 // Warp collectives: the last lane to arrive computes every lane's result
 // ------------------------------------------------------------------------------------------------
-inline Fiber* lane_fiber(int warp, int lane) { return &g_rt.fibers[size_t(warp) * 32 + size_t(lane)]; }
+// (NOSAN: the lane that resolves a collective touches other lanes' operands, ldmatrix rows in shared
+// memory among them; those reads are reported for the lane they belong to, never for the resolver.)
+NATGEN_EMU_NOSAN inline Fiber* lane_fiber(int warp, int lane) { return &g_rt.fibers[size_t(warp) * 32 + size_t(lane)]; }
 
-inline void resolve_shuffle(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_shuffle(int warp, const WarpGroup& g) {
     for (int lane = 0; lane < 32; ++lane) {
         if (!(g.mask >> lane & 1u)) continue;
         Fiber* f = lane_fiber(warp, lane);
@@ -589,7 +626,7 @@ inline void resolve_shuffle(int warp, const WarpGroup& g) {
     }
 }
 
-inline void resolve_vote(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_vote(int warp, const WarpGroup& g) {
     unsigned ballot = 0;
     for (int lane = 0; lane < 32; ++lane)
         if ((g.mask >> lane & 1u) && lane_fiber(warp, lane)->value) ballot |= 1u << lane;
@@ -613,7 +650,7 @@ inline float lowp_to_float(uint32_t bits16, int op) {
 //   C/D f32 (16x8):     c_i, i=0..3: row = g + 8*(i>=2), col = 2*tig + (i&1)
 // Products of f16/bf16/tf32 values are exact in float; sums are accumulated in double and rounded
 // once (the hardware's internal order is unspecified; results agree to float rounding).
-inline void resolve_mma(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_mma(int warp, const WarpGroup& g) {
     const bool tf32 = g.op == OP_MMA_TF32;
     const int K = tf32 ? 8 : 16;
     float A[16][16], B[16][8];
@@ -654,7 +691,7 @@ inline void resolve_mma(int warp, const WarpGroup& g) {
     }
 }
 
-inline bool in_shared_memory(const void* p, size_t bytes) {
+NATGEN_EMU_NOSAN inline bool in_shared_memory(const void* p, size_t bytes) {
     const unsigned char* c = static_cast<const unsigned char*>(p);
     if (__start_natgen_shared && c >= __start_natgen_shared && c + bytes <= __stop_natgen_shared) return true;
     return c >= g_rt.dyn_data && c + bytes <= g_rt.dyn_data + g_rt.dyn_bytes;
@@ -663,7 +700,7 @@ inline bool in_shared_memory(const void* p, size_t bytes) {
 // ldmatrix .m8n8 .b16 (PTX ISA "ldmatrix"): lanes 8m..8m+7 give the row addresses of matrix m
 // (16 bytes each); lane t receives, per matrix, the pair (row t/4, cols 2*(t%4), +1), or with
 // .trans the pair (rows 2*(t%4), +1 ; col t/4); the lower column/row lands in the low 16 bits.
-inline void resolve_ldmatrix(int warp, const WarpGroup& g) {
+NATGEN_EMU_NOSAN inline void resolve_ldmatrix(int warp, const WarpGroup& g) {
     Fiber* first = lane_fiber(warp, 0);
     const int num = first->arg & 7;
     const bool trans = (first->arg >> 3) & 1;
@@ -678,6 +715,7 @@ inline void resolve_ldmatrix(int warp, const WarpGroup& g) {
             if (g_rt.checked && !in_shared_memory(row, 16))
                 fiber_fault(FAULT_WARP, format("ldmatrix: lane %d passes row address %p, which is not in "
                                                "shared memory", m * 8 + r, row));
+            access(f, row, 16, ACCESS_READ, f->pc);
             std::memcpy(M[m][r], row, 16);
         }
     for (int lane = 0; lane < 32; ++lane) {
@@ -691,7 +729,7 @@ inline void resolve_ldmatrix(int warp, const WarpGroup& g) {
     }
 }
 
-inline uint64_t warp_collective(int op, unsigned mask, int line) {
+NATGEN_EMU_ENTRY uint64_t warp_collective(int op, unsigned mask, int line) {
     Fiber* f = g_rt.current;
     WarpState& w = g_rt.warps[size_t(f->warp)];
     const unsigned bit = 1u << f->lane;
@@ -729,6 +767,7 @@ inline uint64_t warp_collective(int op, unsigned mask, int line) {
     if (g->arrived == g->mask) {
         const WarpGroup done = *g;
         *g = w.groups[--w.ngroups];
+        if (g_check.active) check_warp_join(f->warp, done.mask);  // before ldmatrix reads: they follow the join
         switch (done.op) {
             case OP_SHFL_IDX: case OP_SHFL_UP: case OP_SHFL_DOWN: case OP_SHFL_XOR:
                 resolve_shuffle(f->warp, done); break;
@@ -776,12 +815,51 @@ inline void mma_sync(int op, float* d, const uint32_t* a, const uint32_t* b, con
     f->out = d;
     warp_collective(op, 0xffffffffu, line);
 }
-inline void ldmatrix_sync(uint32_t* regs, const void* row, int num, bool trans, int line) {
+NATGEN_EMU_ENTRY void ldmatrix_sync(uint32_t* regs, const void* row, int num, bool trans, int line) {
     Fiber* f = g_rt.current;
+    f->pc = g_check.active ? pc_offset(__builtin_return_address(0)) : 0;
     f->ptrs[0] = row;
     f->out = regs;
     f->arg = num | (trans ? 8 : 0);
     warp_collective(OP_LDMATRIX, 0xffffffffu, line);
+}
+
+// cp.async (PTX ISA "cp.async", "cp.async.wait_group"): a copy reads its source when it is issued (so a
+// bad source address faults on the issuing thread) and lands in shared memory only at the first
+// cp_async_wait<N> of the issuing thread that leaves at most N of its committed groups pending; copies
+// not committed yet never land. Until then the destination keeps its old bytes (poison, if nothing wrote
+// them), and with racecheck any access to it is a race.
+NATGEN_EMU_ENTRY void cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
+    Fiber* f = g_rt.current;
+    const uint32_t pc = g_check.active ? pc_offset(__builtin_return_address(0)) : 0;
+    if (reinterpret_cast<uintptr_t>(smem) % unsigned(bytes) || reinterpret_cast<uintptr_t>(gmem) % unsigned(bytes))
+        fiber_fault(FAULT_MEMORY, format("cp.async of %d bytes from %p to %p: both addresses must be %d-byte "
+                                         "aligned", bytes, gmem, smem, bytes));
+    if (g_rt.checked && !in_shared_memory(smem, size_t(bytes)))
+        fiber_fault(FAULT_MEMORY, format("cp.async destination %p is not in shared memory (%d bytes)", smem, bytes));
+    const int n = src_bytes < 0 ? 0 : (src_bytes > bytes ? bytes : src_bytes);
+    AsyncCopy copy{static_cast<unsigned char*>(smem), {}, uint32_t(bytes), f->async_committed, pc};
+    if (n) {
+        access(f, gmem, size_t(n), ACCESS_READ, pc);
+        std::memcpy(copy.data, gmem, size_t(n));
+    }
+    check_async_issue(f, copy.dst, size_t(bytes), pc);
+    f->async.push_back(copy);
+}
+NATGEN_EMU_ENTRY void cp_async_commit() { g_rt.current->async_committed++; }
+NATGEN_EMU_ENTRY void cp_async_wait(int pending_groups) {
+    Fiber* f = g_rt.current;
+    size_t kept = 0;
+    for (size_t i = 0; i < f->async.size(); ++i) {
+        AsyncCopy& c = f->async[i];
+        if (uint64_t(c.group) + uint64_t(pending_groups) < uint64_t(f->async_committed)) {
+            check_async_land(f, c.dst, c.bytes, c.pc);
+            std::memcpy(c.dst, c.data, c.bytes);
+        } else {
+            f->async[kept++] = c;
+        }
+    }
+    f->async.resize(kept);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -811,7 +889,7 @@ inline T* const& dynamic_shared_as() {
 // ------------------------------------------------------------------------------------------------
 // Fiber body and scheduler
 // ------------------------------------------------------------------------------------------------
-inline void on_fiber_exit(Fiber* f) {
+NATGEN_EMU_NOSAN inline void on_fiber_exit(Fiber* f) {
     f->state = EXITED;
     g_rt.live--;
     g_rt.exited++;
@@ -871,15 +949,16 @@ inline void set_fault(int kind, const std::string& message, const Fiber* f) {
     if (f) { g_rt.fault.thread = f->tid; g_rt.fault.has_thread = true; }
 }
 
-inline void poison_shared_memory() {
+NATGEN_EMU_NOSAN inline void poison_shared_memory() {
     if (__start_natgen_shared) std::memset(__start_natgen_shared, 0xff, static_shared_bytes());
     if (g_rt.dyn_bytes) std::memset(g_rt.dyn_data, 0xff, g_rt.dyn_bytes);
 }
 
-inline void run_block() {
+inline void run_block(uint32_t block_linear) {
     const int n = g_rt.nthreads;
     const size_t page = size_t(sysconf(_SC_PAGESIZE));
     if (g_rt.checked) poison_shared_memory();
+    if (g_check.active) check_block_start(block_linear);
     g_rt.live = n;
     g_rt.exited = 0;
     g_rt.first_exited = nullptr;
@@ -892,6 +971,9 @@ inline void run_block() {
     for (int i = 0; i < n; ++i) {
         Fiber* f = &g_rt.fibers[size_t(i)];
         f->state = RUNNABLE;
+        f->clock = 1;
+        f->async.clear();  // copies a thread never waited for die with its block, as on the device
+        f->async_committed = 0;
         prepare_fiber(f, (size_t(i) * 192) % page);
         g_rt.runq.push_back(f);
     }
@@ -917,11 +999,9 @@ inline void run_block() {
 // ------------------------------------------------------------------------------------------------
 // Memory: fiber stacks, guarded copies of global arguments, dynamic shared memory
 // ------------------------------------------------------------------------------------------------
-inline size_t page_size() { return size_t(sysconf(_SC_PAGESIZE)); }
 // Below every fiber stack; 64 KB so that a large frame cannot jump over it (the build also uses
 // -fstack-clash-protection, which probes every page of a big frame).
 constexpr size_t kStackGuardBytes = 64 * 1024;
-inline size_t round_up(size_t v, size_t m) { return (v + m - 1) / m * m; }
 
 inline bool ensure_stacks(int count) {
     size_t stack_kb = 256;
@@ -1005,7 +1085,7 @@ struct SignalSetup {
 inline struct sigaction* old_action(SignalSetup* s, int sig);
 SignalSetup* g_signals = nullptr;
 
-inline void signal_handler(int sig, siginfo_t* info, void* uctx) {
+NATGEN_EMU_NOSAN inline void signal_handler(int sig, siginfo_t* info, void* uctx) {
     if (!g_rt.active || !pthread_equal(pthread_self(), g_rt.thread)) {
         if (sig == SIGALRM) return;
         struct sigaction* old = old_action(g_signals, sig);
@@ -1148,7 +1228,8 @@ struct RegionSpec {
 
 inline Fault launch(void (*kernel)(const unsigned char*), std::vector<unsigned char>& blob, dim3 grid, dim3 block,
                     size_t shared_mem, bool has_seed, uint64_t seed, bool checked, double timeout,
-                    const std::vector<RegionSpec>& region_specs, const std::vector<PointerFixup>& fixups) {
+                    const std::vector<RegionSpec>& region_specs, const std::vector<PointerFixup>& fixups,
+                    int racecheck, bool initcheck) {
     g_rt.fault = Fault();
     auto config_fault = [](int kind, const std::string& msg) {
         Fault f;
@@ -1186,6 +1267,23 @@ inline Fault launch(void (*kernel)(const unsigned char*), std::vector<unsigned c
     for (const PointerFixup& fix : fixups) {
         unsigned char* p = region_data[size_t(fix.region)] + fix.region_offset;
         std::memcpy(blob.data() + fix.blob_offset, &p, sizeof p);
+    }
+    if ((racecheck || initcheck) && !sanitized_build()) {
+        if (checked) free_regions();
+        return config_fault(FAULT_LAUNCH_CONFIG, "racecheck/initcheck need the module built with the checks");
+    }
+    {
+        std::vector<std::pair<unsigned char*, size_t>> tensors;
+        std::vector<std::string> labels;
+        for (size_t i = 0; i < region_specs.size(); ++i) {
+            tensors.emplace_back(region_data[i], region_specs[i].nbytes);
+            labels.push_back(region_specs[i].label);
+        }
+        if (!check_begin(racecheck, initcheck, tensors, labels)) {
+            check_end();
+            if (checked) free_regions();
+            return config_fault(FAULT_LAUNCH_CONFIG, "could not map shadow memory for racecheck/initcheck");
+        }
     }
 
     g_rt.kernel = kernel;
@@ -1226,7 +1324,7 @@ inline Fault launch(void (*kernel)(const unsigned char*), std::vector<unsigned c
                 for (unsigned bx = 0; bx < grid.x && g_rt.fault.kind == FAULT_NONE; ++bx) {
                     blockIdx = uint3{bx, by, bz};
                     g_rt.rng = seed ^ (0x9e3779b97f4a7c15ull * (1ull + bx + 65536ull * (by + 65536ull * bz)));
-                    run_block();
+                    run_block(bx + grid.x * (by + grid.y * bz));
                 }
     } else {
         g_rt.active = 0;
@@ -1235,6 +1333,7 @@ inline Fault launch(void (*kernel)(const unsigned char*), std::vector<unsigned c
     g_rt.active = 0;
     g_rt.current = nullptr;
     restore_signals(signals);
+    check_end();
 
     if (checked) {
         if (g_rt.fault.kind == FAULT_NONE)
@@ -1379,29 +1478,40 @@ inline unsigned __lanemask_lt() { return (1u << natgen_emu::g_rt.current->lane) 
 // Atomics: fibers are cooperative on one OS thread, so a plain read-modify-write is atomic. The value
 // parameter is non-deduced so that e.g. atomicAdd(unsigned*, 1) converts like CUDA's overloads do.
 namespace natgen_emu { template <class T> struct identity { typedef T type; }; }
-#define NATGEN_EMU_ATOMIC(name, expr)                                                       \
-    template <class T>                                                                      \
-    inline T name(T* address, typename natgen_emu::identity<T>::type val) {                 \
-        T old = *address;                                                                   \
-        *address = (expr);                                                                  \
-        return old;                                                                         \
+// Under the checks an atomic is reported to natgen_emu_check.h (checked against plain accesses, never
+// against other atomics).
+namespace natgen_emu {
+inline void atomic_access(const void* address, size_t bytes, int kind, const void* return_address) {
+    if (g_check.active) access(g_rt.current, address, bytes, kind, pc_offset(return_address));
+}
+}  // namespace natgen_emu
+#define NATGEN_EMU_ATOMIC(name, kind, expr)                                                                   \
+    template <class T>                                                                                        \
+    NATGEN_EMU_ENTRY T name(T* address, typename natgen_emu::identity<T>::type val) {                         \
+        natgen_emu::atomic_access(address, sizeof(T), natgen_emu::kind, __builtin_return_address(0));         \
+        T old = *address;                                                                                     \
+        *address = (expr);                                                                                    \
+        return old;                                                                                           \
     }
-NATGEN_EMU_ATOMIC(atomicAdd, old + val)
-NATGEN_EMU_ATOMIC(atomicSub, old - val)
-NATGEN_EMU_ATOMIC(atomicExch, val)
-NATGEN_EMU_ATOMIC(atomicMax, old < val ? val : old)
-NATGEN_EMU_ATOMIC(atomicMin, val < old ? val : old)
-NATGEN_EMU_ATOMIC(atomicAnd, old & val)
-NATGEN_EMU_ATOMIC(atomicOr, old | val)
-NATGEN_EMU_ATOMIC(atomicXor, old ^ val)
+NATGEN_EMU_ATOMIC(atomicAdd, ACCESS_ATOMIC, old + val)
+NATGEN_EMU_ATOMIC(atomicSub, ACCESS_ATOMIC, old - val)
+NATGEN_EMU_ATOMIC(atomicExch, ACCESS_ATOMIC_NO_READ, val)
+NATGEN_EMU_ATOMIC(atomicMax, ACCESS_ATOMIC, old < val ? val : old)
+NATGEN_EMU_ATOMIC(atomicMin, ACCESS_ATOMIC, val < old ? val : old)
+NATGEN_EMU_ATOMIC(atomicAnd, ACCESS_ATOMIC, old & val)
+NATGEN_EMU_ATOMIC(atomicOr, ACCESS_ATOMIC, old | val)
+NATGEN_EMU_ATOMIC(atomicXor, ACCESS_ATOMIC, old ^ val)
 #undef NATGEN_EMU_ATOMIC
 template <class T>
-inline T atomicCAS(T* address, typename natgen_emu::identity<T>::type compare, typename natgen_emu::identity<T>::type val) {
+NATGEN_EMU_ENTRY T atomicCAS(T* address, typename natgen_emu::identity<T>::type compare,
+                             typename natgen_emu::identity<T>::type val) {
+    natgen_emu::atomic_access(address, sizeof(T), natgen_emu::ACCESS_ATOMIC, __builtin_return_address(0));
     T old = *address;
     if (old == compare) *address = val;
     return old;
 }
-inline unsigned atomicInc(unsigned* address, unsigned val) {
+NATGEN_EMU_ENTRY unsigned atomicInc(unsigned* address, unsigned val) {
+    natgen_emu::atomic_access(address, sizeof(unsigned), natgen_emu::ACCESS_ATOMIC, __builtin_return_address(0));
     unsigned old = *address;
     *address = old >= val ? 0u : old + 1u;
     return old;

@@ -11,8 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define NATGEN_EMU_ABI_VERSION 1
-#define NATGEN_EMU_MODULE_SYMBOL "natgen_emu_module_v1"
+#define NATGEN_EMU_ABI_VERSION 2
+#define NATGEN_EMU_MODULE_SYMBOL "natgen_emu_module_v2"
 
 #ifdef __cplusplus
 extern "C" {
@@ -48,6 +48,8 @@ typedef struct natgen_emu_fault {
     const char* message;  // owned by the module, valid until its next launch
     unsigned block[3], thread[3];
     int has_thread;
+    unsigned other_block[3], other_thread[3];  // the other thread of a race
+    int has_other;
 } natgen_emu_fault;
 
 enum {
@@ -59,13 +61,14 @@ enum {
 typedef struct natgen_emu_module {
     int abi_version;  // NATGEN_EMU_ABI_VERSION
     const char* cache_key;
+    int sanitized;  // built with the racecheck/initcheck instrumentation (natgen_emu_check.h)
     size_t nkernels;
     const natgen_emu_kernel* kernels;
     size_t (*static_shared_bytes)(void);
     int (*launch)(size_t kernel_index, const unsigned char* blob, size_t blob_size, const unsigned grid[3],
                   const unsigned block[3], size_t shared_mem, int has_seed, uint64_t seed, int checked,
                   double timeout, const natgen_emu_region* regions, size_t nregions, const natgen_emu_fixup* fixups,
-                  size_t nfixups, natgen_emu_fault* fault);
+                  size_t nfixups, int racecheck, int initcheck, natgen_emu_fault* fault);
 } natgen_emu_module;
 
 typedef const natgen_emu_module* (*natgen_emu_module_fn)(void);

@@ -6,9 +6,11 @@
 //                                            compiled for that key (truncated file, foreign module, ...)
 //     .cache_key, .path
 //     .kernels()  -> [(name, blob_size, [(is_pointer, type_code, size, offset), ...]), ...]
-//     .launch(name, grid, block, shared_mem, seed|None, checked, timeout, blob, regions, fixups)
+//     .launch(name, grid, block, shared_mem, seed|None, checked, timeout, blob, regions, fixups, racecheck, initcheck)
 //         regions: [(host_address, nbytes, label)], fixups: [(blob_offset, region_index, offset_in_region)]
-//         returns None, or (fault_kind, message, block, thread|None)
+//         racecheck: 0 off, 1 shared memory, 2 shared and global memory
+//         returns None, or (fault_kind, message, block, thread|None, (other_block, other_thread)|None)
+//     .sanitized  (built with the racecheck/initcheck instrumentation)
 //     .static_shared_bytes()
 #include <dlfcn.h>
 
@@ -63,6 +65,7 @@ public:
 
     const std::string& path() const { return path_; }
     std::string cache_key() const { return module_->cache_key; }
+    bool sanitized() const { return module_->sanitized != 0; }
     size_t static_shared_bytes() const { return module_->static_shared_bytes(); }
 
     py::list kernels() const {
@@ -81,7 +84,7 @@ public:
 
     py::object launch(const std::string& name, const py::tuple& grid, const py::tuple& block, size_t shared_mem,
                       const py::object& seed, bool checked, double timeout, const py::bytes& blob,
-                      const py::list& regions, const py::list& fixups) const {
+                      const py::list& regions, const py::list& fixups, int racecheck, bool initcheck) const {
         size_t index = module_->nkernels;
         for (size_t i = 0; i < module_->nkernels; ++i)
             if (name == module_->kernels[i].name) index = i;
@@ -108,13 +111,17 @@ public:
         natgen_emu_fault fault{};
         const int status = module_->launch(index, reinterpret_cast<const unsigned char*>(blob_bytes.data()),
                                            blob_bytes.size(), grid3, block3, shared_mem, has_seed, seed_value, checked,
-                                           timeout, specs.data(), specs.size(), fix.data(), fix.size(), &fault);
+                                           timeout, specs.data(), specs.size(), fix.data(), fix.size(), racecheck,
+                                           initcheck ? 1 : 0, &fault);
         if (status == NATGEN_EMU_LAUNCH_NO_MEMORY) throw std::bad_alloc();
         if (status != NATGEN_EMU_LAUNCH_OK)
             throw std::runtime_error(std::string("emulator launch failed: ") + (fault.message ? fault.message : "?"));
         if (fault.kind == 0) return py::none();
         py::object thread = fault.has_thread ? py::object(dim3_tuple(fault.thread)) : py::object(py::none());
-        return py::make_tuple(fault.kind, fault.message ? fault.message : "", dim3_tuple(fault.block), thread);
+        py::object other = fault.has_other
+                               ? py::object(py::make_tuple(dim3_tuple(fault.other_block), dim3_tuple(fault.other_thread)))
+                               : py::object(py::none());
+        return py::make_tuple(fault.kind, fault.message ? fault.message : "", dim3_tuple(fault.block), thread, other);
     }
 
 private:
@@ -130,6 +137,7 @@ PYBIND11_MODULE(NATGEN_EMU_HOST_MODULE, m) {
         .def(py::init<const std::string&, const std::string&>(), py::arg("path"), py::arg("expected_cache_key"))
         .def_property_readonly("path", &KernelModule::path)
         .def_property_readonly("cache_key", &KernelModule::cache_key)
+        .def_property_readonly("sanitized", &KernelModule::sanitized)
         .def("kernels", &KernelModule::kernels)
         .def("launch", &KernelModule::launch)
         .def("static_shared_bytes", &KernelModule::static_shared_bytes);

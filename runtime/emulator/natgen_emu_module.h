@@ -19,7 +19,7 @@
 #include "natgen_emu.h"
 #include "natgen_emu_abi.h"
 
-#define NATGEN_EMU_MODULE_FUNCTION natgen_emu_module_v1  // == NATGEN_EMU_MODULE_SYMBOL
+#define NATGEN_EMU_MODULE_FUNCTION natgen_emu_module_v2  // == NATGEN_EMU_MODULE_SYMBOL
 #define NATGEN_EMU_MODULE_EXPORT __attribute__((visibility("default")))
 
 namespace natgen_emu {
@@ -42,7 +42,8 @@ inline size_t module_static_shared_bytes() { return static_shared_bytes(); }
 inline int module_launch(size_t kernel_index, const unsigned char* blob, size_t blob_size, const unsigned grid[3],
                          const unsigned block[3], size_t shared_mem, int has_seed, uint64_t seed, int checked,
                          double timeout, const natgen_emu_region* regions, size_t nregions,
-                         const natgen_emu_fixup* fixups, size_t nfixups, natgen_emu_fault* out) {
+                         const natgen_emu_fixup* fixups, size_t nfixups, int racecheck, int initcheck,
+                         natgen_emu_fault* out) {
     ExportedModule& m = exported();
     *out = natgen_emu_fault{};
     try {
@@ -61,13 +62,19 @@ inline int module_launch(size_t kernel_index, const unsigned char* blob, size_t 
             if (f.region < 0 || size_t(f.region) >= specs.size() || f.blob_offset + sizeof(void*) > bytes.size())
                 throw std::out_of_range("pointer fixup outside the parameter blob or the region list");
         Fault fault = launch(entry.call, bytes, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]),
-                             shared_mem, has_seed != 0, seed, checked != 0, timeout, specs, fix);
+                             shared_mem, has_seed != 0, seed, checked != 0, timeout, specs, fix, racecheck,
+                             initcheck != 0);
         m.message = fault.message;
         out->kind = fault.kind;
         out->message = m.message.c_str();
         out->block[0] = fault.block.x, out->block[1] = fault.block.y, out->block[2] = fault.block.z;
         out->thread[0] = fault.thread.x, out->thread[1] = fault.thread.y, out->thread[2] = fault.thread.z;
         out->has_thread = fault.has_thread;
+        out->other_block[0] = fault.other_block.x, out->other_block[1] = fault.other_block.y;
+        out->other_block[2] = fault.other_block.z;
+        out->other_thread[0] = fault.other_thread.x, out->other_thread[1] = fault.other_thread.y;
+        out->other_thread[2] = fault.other_thread.z;
+        out->has_other = fault.has_other;
         return NATGEN_EMU_LAUNCH_OK;
     } catch (const std::bad_alloc&) {
         m.message = "out of memory";
@@ -96,6 +103,7 @@ inline const natgen_emu_module* export_module(const char* cache_key, std::vector
                                               m.params[i].data()});
     m.module.abi_version = NATGEN_EMU_ABI_VERSION;
     m.module.cache_key = cache_key;
+    m.module.sanitized = sanitized_build() ? 1 : 0;
     m.module.nkernels = m.kernels.size();
     m.module.kernels = m.kernels.data();
     m.module.static_shared_bytes = &module_static_shared_bytes;
