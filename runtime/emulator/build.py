@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import paths
 from .errors import CompileError
 
 EMULATOR_DIR = Path(__file__).resolve().parent
@@ -59,15 +60,11 @@ _host = None  # the loaded host extension module
 
 
 def templates_dir() -> Path:
-    import natgen.templates
-
-    return Path(natgen.templates.__file__).resolve().parent
+    return paths.TEMPLATES_DIR
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("NATGEN_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "natgen"
-    return base / "emulator"
+    return paths.cache_dir() / "emulator"
 
 
 def compiler() -> str:
