@@ -6,7 +6,7 @@ family whose size is NATGEN_EMULATED_SAMPLES (default 4). Emulated compiles are 
 """
 import pytest
 
-from tc_cases import core_cases, random_cases, run_case, sample_size
+from tc_cases import core_cases, gqa_cases, random_cases, run_case, sample_size
 
 pytestmark = pytest.mark.emulated
 
@@ -25,6 +25,7 @@ requires_emulator = pytest.mark.skipif(not _emulator_ready(), reason="natgen.emu
 CORE = core_cases()
 PUBLIC = [c for c in CORE if c.selected]
 SAMPLE = random_cases(sample_size())
+GQA = gqa_cases()
 
 
 @requires_emulator
@@ -43,3 +44,9 @@ def test_random_sample(case):
 @pytest.mark.parametrize("case", PUBLIC, ids=[c.id for c in PUBLIC])
 def test_selected_through_public_api(case):
     run_case(case, "emulator", public=True)
+
+
+@requires_emulator
+@pytest.mark.parametrize("case", GQA, ids=[c.id for c in GQA])
+def test_grouped_kv_heads(case):
+    run_case(case, "emulator")
