@@ -46,7 +46,7 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         _ptr("out", const=False), _ptr("lse", element="f32", const=False, doc="natural-log LSE, float32"),
         _ptr("extra_k"), _ptr("extra_v"),
         Field("n_extra", "i32"), Field("heads", "i32"),
-        Field("heads_kv", "i32", doc="key/value heads (divides heads): query head h reads kv head h / (heads / heads_kv)"),
+        Field("heads_kv", "i32", doc="key/value heads (divide heads): query head h reads h / (heads / heads_kv)"),
         Field("length", "i32", axes=True), Field("kernel", "i32", axes=True),
         Field("stride", "i32", axes=True), Field("dilation", "i32", axes=True),
         Field("scale_log2", "f32", doc="softmax scale times log2(e): the kernels work in base 2"),

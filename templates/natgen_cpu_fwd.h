@@ -113,8 +113,9 @@ template <class Cfg> NATGEN_INLINE Geometry geometry(const Plan& p, const TileRe
     return g;
 }
 
-// Gathers the tile's key union (+ extra tokens) from [batch, tokens, heads_kv, dim] (the tile's key/value head) into `dst`, either
-// transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to `padded_dim`).
+// Gathers the tile's key union (+ extra tokens) of its key/value head from [batch, tokens, heads_kv, dim]
+// into `dst`, either transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to
+// `padded_dim`).
 // Positions outside the axis (window slack, vector padding) read a zero row.
 template <typename T>
 NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, const T* src, const T* extra,

@@ -239,8 +239,8 @@ NATGEN_INLINE bool union_column(const TileRef& t, const TileGeometry& g, int64_t
     return x >= 0 && x < g.extent[2] && l2 < t.ax[2]->length;
 }
 
-// Gathers the tile's key union from [batch, tokens, heads_kv, dim] (the tile's key/value head) into dst (layout above) and the extra tokens
-// into edst[d * n_extra + e].
+// Gathers the tile's key union of its key/value head from [batch, tokens, heads_kv, dim] into dst (layout
+// above) and the extra tokens into edst[d * n_extra + e].
 template <typename T>
 NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g, const T* src, const T* extra,
                           int64_t dim, T* dst, T* edst, const T* zeros) {
