@@ -267,8 +267,9 @@ NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg
 // loop body into the lambda, which target_clones does not clone, so it would run the baseline ISA;
 // measured 7x slower on cpu-2d.)
 //
-// One backward unit = one (batch, head, dilation-group combination): it owns every key its queries can see,
-// so dK/dV accumulate without races; its tiles run in order.
+// One backward unit = one (batch, key/value head, dilation-group combination): it owns every key its queries
+// can see, for every query head reading that key/value head, so dK/dV accumulate without races and in a fixed
+// order; its tiles run in order, and a tile's gathered keys serve each of the group's query heads in turn.
 template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileRef& t, Scratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
@@ -289,10 +290,13 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         lo[d] = int64_t(t.tile[d]) * p.tile[d];
         hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
     }
+    const int64_t group = a.heads / a.heads_kv;  // query heads per key/value head
+    TileRef tq = t;
+    for (tq.h = t.hk * group; tq.h < (t.hk + 1) * group; ++tq.h)
     for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
     for (int64_t l1 = lo[1]; l1 < hi[1]; ++l1)
     for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += V) {
-        const LaneGroup<T> lg = lane_group<Cfg>(p, t, g, l0, l1, l2, hi[2], s);
+        const LaneGroup<T> lg = lane_group<Cfg>(p, tq, g, l0, l1, l2, hi[2], s);
         if constexpr (Fixed<Cfg>::on) {
             typedef Fixed<Cfg> F;
             typedef Fixed<Cfg, F::NC_BORDER> FB;
@@ -373,7 +377,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
     }
     // flush the tile's key grads (tiles of one unit overlap, so this adds) and zero every position the tile
     // wrote, for the next tile; a union row's keys are one run of columns
-    const int64_t heads = a.heads, base = t.b * p.tokens * heads;
+    const int64_t heads = a.heads_kv, base = t.b * p.tokens * heads;
     const int64_t hd = Cfg::HD ? Cfg::HD : p.hd, hdv = Cfg::HD ? Cfg::HD : p.hdv;
     const int64_t u_lo = g.lpad, u_hi = g.lpad + std::min(g.extent[2], t.ax[2]->length - g.lo[2]);
     const int64_t kstride = a.dilation[2] * heads;
@@ -382,7 +386,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         T* sk = s.dkr.data() + ur * g.rs * hd;
         T* sv = s.dvr.data() + ur * g.rs * hdv;
         if (union_row_token(a, t, g, ur, token)) {
-            const int64_t row0 = base + (token + g.lo[2] * a.dilation[2]) * heads + t.h - g.lpad * kstride;
+            const int64_t row0 = base + (token + g.lo[2] * a.dilation[2]) * heads + t.hk - g.lpad * kstride;
             for (int64_t u2 = u_lo; u2 < u_hi; ++u2) {
                 const int64_t row = row0 + u2 * kstride;
                 T* dkr = dk + row * hd;

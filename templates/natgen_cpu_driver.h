@@ -32,6 +32,7 @@ template <class Cfg> NATGEN_INLINE void forward_unit(const Plan& p, int64_t unit
     const auto& i0 = p.items[0][r % n0]; r /= n0;
     t.h = r % p.a->heads;
     t.b = r / p.a->heads;
+    t.hk = t.h / (p.a->heads / p.a->heads_kv);
     const std::pair<int, int>* items[3] = {&i0, &i1, &i2};
     for (int d = 0; d < 3; ++d) {
         t.ax[d] = &p.axes[d][items[d]->first];
@@ -40,7 +41,8 @@ template <class Cfg> NATGEN_INLINE void forward_unit(const Plan& p, int64_t unit
     fwd::forward_tile<Cfg>(p, t, s.fwd);
 }
 
-// backward units: (batch, head, group of every axis), tiles in order
+// backward units: (batch, key/value head, group of every axis), tiles in order; the unit runs every query head
+// of its key/value head (backward_tile), so it alone writes those key grads
 template <class Cfg> NATGEN_INLINE void backward_unit(const Plan& p, int64_t unit, Scratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
     TileRef t;
@@ -49,8 +51,9 @@ template <class Cfg> NATGEN_INLINE void backward_unit(const Plan& p, int64_t uni
     t.ax[2] = &p.axes[2][r % n2]; r /= n2;
     t.ax[1] = &p.axes[1][r % n1]; r /= n1;
     t.ax[0] = &p.axes[0][r % n0]; r /= n0;
-    t.h = r % p.a->heads;
-    t.b = r / p.a->heads;
+    t.hk = r % p.a->heads_kv;
+    t.b = r / p.a->heads_kv;
+    t.h = t.hk * (p.a->heads / p.a->heads_kv);  // its first query head (backward_tile runs them all)
     // this unit owns the key grads of its group combination: zero them here (torch.empty on the Python
     // side), inside the parallel region instead of in a separate pass
     const Args& a = *p.a;
@@ -61,7 +64,7 @@ template <class Cfg> NATGEN_INLINE void backward_unit(const Plan& p, int64_t uni
     for (int64_t l2 = 0; l2 < t.ax[2]->length; ++l2) {
         const int64_t token = ((l0 * a.dilation[0] + t.ax[0]->group) * a.length[1] + l1 * a.dilation[1] +
                                t.ax[1]->group) * a.length[2] + l2 * a.dilation[2] + t.ax[2]->group;
-        const int64_t row = (t.b * p.tokens + token) * a.heads + t.h;
+        const int64_t row = (t.b * p.tokens + token) * a.heads_kv + t.hk;
         std::fill(dk + row * p.hd, dk + (row + 1) * p.hd, T(0));
         std::fill(dv + row * p.hdv, dv + (row + 1) * p.hdv, T(0));
     }
@@ -104,7 +107,7 @@ template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn
     typedef typename Cfg::T T;
     const Plan p = make_plan<Cfg>(a, false);
     const int64_t groups = int64_t(p.axes[0].size()) * p.axes[1].size() * p.axes[2].size();
-    const int64_t units = a.batch * a.heads * groups;
+    const int64_t units = a.batch * a.heads_kv * groups;
     const int64_t extra_row = p.hd + p.hdv;
     std::vector<T> extra(p.n_extra ? units * p.n_extra * extra_row : 0, T(0));
     const int64_t workers = std::max<int64_t>(1, std::min(a.threads, units));
@@ -121,14 +124,15 @@ template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn
     if (!p.n_extra) return;
     T* dek = reinterpret_cast<T*>(a.grad_extra_k);
     T* dev = reinterpret_cast<T*>(a.grad_extra_v);
-    std::fill(dek, dek + a.batch * p.n_extra * a.heads * p.hd, T(0));
-    std::fill(dev, dev + a.batch * p.n_extra * a.heads * p.hdv, T(0));
+    std::fill(dek, dek + a.batch * p.n_extra * a.heads_kv * p.hd, T(0));
+    std::fill(dev, dev + a.batch * p.n_extra * a.heads_kv * p.hdv, T(0));
+    // summed in unit order: the same result for any thread count
     for (int64_t unit = 0; unit < units; ++unit) {
-        const int64_t bh = unit / groups, b = bh / a.heads, h = bh % a.heads;
+        const int64_t bh = unit / groups, b = bh / a.heads_kv, h = bh % a.heads_kv;
         const T* src = extra.data() + unit * p.n_extra * extra_row;
         for (int64_t e = 0; e < p.n_extra; ++e) {
-            T* kr = dek + ((b * p.n_extra + e) * a.heads + h) * p.hd;
-            T* vr = dev + ((b * p.n_extra + e) * a.heads + h) * p.hdv;
+            T* kr = dek + ((b * p.n_extra + e) * a.heads_kv + h) * p.hd;
+            T* vr = dev + ((b * p.n_extra + e) * a.heads_kv + h) * p.hdv;
             for (int64_t d = 0; d < p.hd; ++d) kr[d] += src[e * extra_row + d];
             for (int64_t d = 0; d < p.hdv; ++d) vr[d] += src[e * extra_row + p.hd + d];
         }

@@ -113,15 +113,16 @@ template <class Cfg> NATGEN_INLINE Geometry geometry(const Plan& p, const TileRe
     return g;
 }
 
-// Gathers the tile's key union (+ extra tokens) from [batch, tokens, heads, dim] into `dst`, either
-// transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to `padded_dim`).
+// Gathers the tile's key union (+ extra tokens) of its key/value head from [batch, tokens, heads_kv, dim]
+// into `dst`, either transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to
+// `padded_dim`).
 // Positions outside the axis (window slack, vector padding) read a zero row.
 template <typename T>
 NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, const T* src, const T* extra,
                           int64_t dim, int64_t padded_dim, bool transposed, T* dst, int64_t ld,
                           std::vector<const T*>& rows, const T* zeros) {
     const Args& a = *p.a;
-    const int64_t heads = a.heads;
+    const int64_t heads = a.heads_kv;  // key/value rows: [batch, tokens, heads_kv, dim]
     const int64_t base = t.b * p.tokens * heads;
     int64_t u = 0;
     for (int64_t u0 = 0; u0 < g.extent[0]; ++u0) {
@@ -136,12 +137,12 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, co
                 const int64_t x0 = l0 * a.dilation[0] + t.ax[0]->group;
                 const int64_t x1 = l1 * a.dilation[1] + t.ax[1]->group;
                 const int64_t x2 = l2 * a.dilation[2] + t.ax[2]->group;
-                rows[u] = src + (base + ((x0 * a.length[1] + x1) * a.length[2] + x2) * heads + t.h) * dim;
+                rows[u] = src + (base + ((x0 * a.length[1] + x1) * a.length[2] + x2) * heads + t.hk) * dim;
             }
         }
     }
     for (int64_t e = 0; e < p.extra_padded; ++e, ++u)
-        rows[u] = e < p.n_extra ? extra + ((t.b * p.n_extra + e) * heads + t.h) * dim : zeros;
+        rows[u] = e < p.n_extra ? extra + ((t.b * p.n_extra + e) * heads + t.hk) * dim : zeros;
     const int64_t n = u;
     if (transposed) {
         int64_t u8 = 0;
@@ -241,7 +242,7 @@ NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry&
     const Args& a = *p.a;
     const T* k = reinterpret_cast<const T*>(a.k);
     const T* v = reinterpret_cast<const T*>(a.v);
-    const int64_t heads = a.heads, step = a.dilation[2] * heads;
+    const int64_t heads = a.heads_kv, step = a.dilation[2] * heads;  // key/value rows
     const int64_t first2 = g.lo[2] * a.dilation[2] + t.ax[2]->group;
     const int64_t cols = g.extent[2];
     const T* rows[F::ROWLEN];
@@ -250,7 +251,7 @@ NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry&
         const int64_t x0 = (g.lo[0] + u0) * a.dilation[0] + t.ax[0]->group;
         for (int64_t u1 = 0; u1 < g.extent[1]; ++u1) {
             const int64_t x1 = (g.lo[1] + u1) * a.dilation[1] + t.ax[1]->group;
-            const int64_t first = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + first2) * heads + t.h;
+            const int64_t first = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + first2) * heads + t.hk;
             const int64_t slot = u0 * F::PLANE + u1 * F::ROWLEN;
             for (int64_t u2 = 0; u2 < cols; ++u2) {
                 const int64_t row = (first + u2 * step) * F::HD;

@@ -239,13 +239,13 @@ NATGEN_INLINE bool union_column(const TileRef& t, const TileGeometry& g, int64_t
     return x >= 0 && x < g.extent[2] && l2 < t.ax[2]->length;
 }
 
-// Gathers the tile's key union from [batch, tokens, heads, dim] into dst (layout above) and the extra tokens
-// into edst[d * n_extra + e].
+// Gathers the tile's key union of its key/value head from [batch, tokens, heads_kv, dim] into dst (layout
+// above) and the extra tokens into edst[d * n_extra + e].
 template <typename T>
 NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g, const T* src, const T* extra,
                           int64_t dim, T* dst, T* edst, const T* zeros) {
     const Args& a = *p.a;
-    const int64_t heads = a.heads, base = t.b * p.tokens * heads;
+    const int64_t heads = a.heads_kv, base = t.b * p.tokens * heads;  // key/value rows
     for (int64_t ur = 0; ur < g.nrows; ++ur) {
         int64_t token;
         const bool row_inside = union_row_token(a, t, g, ur, token);
@@ -256,7 +256,7 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
             for (int l = 0; l < 8; ++l) {
                 int64_t l2;
                 const bool inside = row_inside && union_column(t, g, c8 + l, l2);
-                r[l] = inside ? src + (base + (token + l2 * a.dilation[2]) * heads + t.h) * dim : zeros;
+                r[l] = inside ? src + (base + (token + l2 * a.dilation[2]) * heads + t.hk) * dim : zeros;
                 empty &= !inside;
             }
             if (empty) {
@@ -270,7 +270,7 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
         }
     }
     for (int64_t e = 0; e < p.n_extra; ++e) {
-        const T* row = extra + ((t.b * p.n_extra + e) * heads + t.h) * dim;
+        const T* row = extra + ((t.b * p.n_extra + e) * heads + t.hk) * dim;
         for (int64_t d = 0; d < dim; ++d) edst[d * p.n_extra + e] = row[d];
     }
 }

@@ -256,9 +256,10 @@ template <typename T> struct Scratch {
 };
 
 // ------------------------------------------------------------------------------------- tiles
-// One tile of work: batch, head, and per axis its dilation group and the tile's index in that group.
+// One tile of work: batch, query head h and the key/value head hk it reads (h / (heads / heads_kv)), and per
+// axis its dilation group and the tile's index in that group.
 struct TileRef {
-    int64_t b, h;
+    int64_t b, h, hk;
     const AxisGroup* ax[3];
     int tile[3];
 };

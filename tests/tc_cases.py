@@ -38,13 +38,14 @@ class Case:
     batch: int = 1
     heads: int = 1
     selected: bool = False
+    heads_kv: int = 0  # key/value heads (grouped-query attention); 0: as many as `heads`
 
     @property
     def id(self) -> str:
         dims = lambda t: "x".join(str(int(x)) for x in t)  # noqa: E731
         return (f"{self.family}-{self.rank}d-L{dims(self.spatial)}-k{dims(self.kernel_size)}-s{dims(self.stride)}"
                 f"-d{dims(self.dilation)}-c{dims(self.causal)}-{self.dtype}-h{self.head_dim}-x{self.n_extra}"
-                f"-b{self.batch}h{self.heads}")
+                f"-b{self.batch}h{self.heads}" + (f"kv{self.heads_kv}" if self.heads_kv else ""))
 
 
 def _tup(value, rank):
@@ -103,6 +104,22 @@ def core_cases():
     return cases
 
 
+def gqa_cases():
+    """Grouped-query attention (k, v and extras with fewer heads than q) in each tensor-core body: the
+    chunked specialized and generic ones, and the one-pass region body (its extra-token slabs too)."""
+    return [
+        case("tcs", (21, 13), 7, stride=(2, 1), dtype="f16", heads=4, heads_kv=2, batch=2),
+        case("tcs", (150,), 13, dtype="bf16", heads=3, heads_kv=1, n_extra=2),
+        case("tcs", (13, 22), 5, dtype="f16", head_dim=64, heads=4, heads_kv=1, n_extra=3, selected=False),
+        case("tcs", (5, 7, 9), 3, dtype="bf16", head_dim=64, heads=4, heads_kv=2, n_extra=2, selected=False),
+        case("tcg", (19, 14), (4, 6), stride=(1, 2), dilation=(2, 1), causal=(True, False), dtype="bf16",
+             heads=6, heads_kv=3, n_extra=2),
+        case("tcg", (97,), 10, stride=3, dilation=2, causal=True, dtype="f16", heads=4, heads_kv=1, n_extra=3),
+        case("tcg", (7, 6, 9), (3, 4, 2), stride=(1, 2, 1), dilation=(2, 1, 3), causal=(False, True, False),
+             dtype="f16", heads=2, heads_kv=1, n_extra=1),
+    ]
+
+
 def random_cases(count: int, seed: int = 1234):
     """Seeded random problems: the generic family with any valid K, S, D, causal mask and extras."""
     rng = random.Random(seed)
@@ -135,11 +152,13 @@ def make_inputs(c: Case, device="cpu"):
     seed = zlib.crc32(c.id.encode())
     generator = torch.Generator().manual_seed(seed)
     dtype = DTYPES[c.dtype]
-    shape = (c.batch, *c.spatial, c.heads, c.head_dim)
-    q, k, v = (torch.randn(shape, generator=generator).to(dtype) for _ in range(3))
+    heads_kv = c.heads_kv or c.heads
+    q = torch.randn((c.batch, *c.spatial, c.heads, c.head_dim), generator=generator).to(dtype)
+    k, v = (torch.randn((c.batch, *c.spatial, heads_kv, c.head_dim), generator=generator).to(dtype)
+            for _ in range(2))
     extra_k = extra_v = None
     if c.n_extra:
-        extra_k, extra_v = (torch.randn((c.batch, c.n_extra, c.heads, c.head_dim), generator=generator).to(dtype)
+        extra_k, extra_v = (torch.randn((c.batch, c.n_extra, heads_kv, c.head_dim), generator=generator).to(dtype)
                             for _ in range(2))
     return q, k, v, extra_k, extra_v
 

@@ -34,14 +34,15 @@ def simt_instance(rank, dtype, head_dim, kernel_size="any", causal=None):
     raise LookupError(f"no simt instance rank={rank} {dtype} h{head_dim} K={kernel_size} causal={causal}")
 
 
-def random_inputs(seed, batch, spatial, heads, head_dim, dtype, n_extra=0):
+def random_inputs(seed, batch, spatial, heads, head_dim, dtype, n_extra=0, heads_kv=None):
     gen = torch.Generator().manual_seed(seed)
-    shape = (batch, *spatial, heads, head_dim)
-    q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    heads_kv = heads_kv or heads
+    q = torch.randn((batch, *spatial, heads, head_dim), generator=gen).to(dtype)
+    k, v = (torch.randn((batch, *spatial, heads_kv, head_dim), generator=gen).to(dtype) for _ in range(2))
     extra = {}
     if n_extra:
-        extra = dict(additional_keys=torch.randn(batch, n_extra, heads, head_dim, generator=gen).to(dtype),
-                     additional_values=torch.randn(batch, n_extra, heads, head_dim, generator=gen).to(dtype))
+        extra = dict(additional_keys=torch.randn(batch, n_extra, heads_kv, head_dim, generator=gen).to(dtype),
+                     additional_values=torch.randn(batch, n_extra, heads_kv, head_dim, generator=gen).to(dtype))
     return q, k, v, extra
 
 
@@ -75,6 +76,32 @@ def test_specialized_simt_against_oracle(rank, kernel, head_dim, schedules):
     dtype = ["f32", "f16", "bf16"][head_dim // 64]
     q, k, v, _ = random_inputs(kernel * head_dim, 1, spatial, 2, head_dim, DTYPES[dtype])
     instance = simt_instance(rank, dtype, head_dim, kernel_size=kernel)
+    out, lse = schedules(lambda: ops.run_instance(instance.name, rank, q, k, v, kernel))
+    assert_close_by_rule(out, q, k, v, lse=lse, kernel_size=kernel)
+
+
+# grouped-query attention: (case from CORE, heads, heads_kv) on the generic instances, then specialized ones
+GQA_GENERIC = [(CORE[1], 4, 2), (CORE[3], 6, 2), (CORE[4], 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("case,heads,heads_kv", GQA_GENERIC, ids=lambda c: str(c) if isinstance(c, int) else
+                         f"r{c[0]}_{'x'.join(map(str, c[1]))}")
+def test_generic_simt_grouped_kv_heads(case, heads, heads_kv, dtype, schedules):
+    rank, spatial, kernel, stride, dilation, causal, n_extra = case
+    q, k, v, extra = random_inputs(heads * 7 + heads_kv, 2, spatial, heads, 32, DTYPES[dtype], n_extra + 1,
+                                   heads_kv=heads_kv)
+    instance = simt_instance(rank, dtype, 32, causal=causal)
+    params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
+    out, lse = schedules(lambda: ops.run_instance(instance.name, rank, q, k, v, **params, **extra))
+    assert_close_by_rule(out, q, k, v, lse=lse, **params, **extra)
+
+
+@pytest.mark.parametrize("rank, kernel, heads_kv", [(1, 13, 1), (2, 7, 2)])
+def test_specialized_simt_grouped_kv_heads(rank, kernel, heads_kv, schedules):
+    spatial = {1: (kernel + 9,), 2: (kernel + 3, kernel + 2)}[rank]
+    q, k, v, _ = random_inputs(kernel, 1, spatial, 4, 64, torch.float16, heads_kv=heads_kv)
+    instance = simt_instance(rank, "f16", 64, kernel_size=kernel)
     out, lse = schedules(lambda: ops.run_instance(instance.name, rank, q, k, v, kernel))
     assert_close_by_rule(out, q, k, v, lse=lse, kernel_size=kernel)
 

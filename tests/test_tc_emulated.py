@@ -8,7 +8,7 @@ bit-identical results (fixtures in tests/conftest.py). Emulated compiles are cac
 """
 import pytest
 
-from tc_cases import core_cases, random_cases, run_case, sample_size
+from tc_cases import core_cases, gqa_cases, random_cases, run_case, sample_size
 
 pytestmark = [pytest.mark.emulated, pytest.mark.usefixtures("emulator_checks")]
 
@@ -27,6 +27,7 @@ requires_emulator = pytest.mark.skipif(not _emulator_ready(), reason="natgen.emu
 CORE = core_cases()
 PUBLIC = [c for c in CORE if c.selected]
 SAMPLE = random_cases(sample_size())
+GQA = gqa_cases()
 
 
 @requires_emulator
@@ -45,6 +46,12 @@ def test_random_sample(case, schedules):
 @pytest.mark.parametrize("case", PUBLIC, ids=[c.id for c in PUBLIC])
 def test_selected_through_public_api(case, schedules):
     schedules(lambda: run_case(case, "emulator", public=True))
+
+
+@requires_emulator
+@pytest.mark.parametrize("case", GQA, ids=[c.id for c in GQA])
+def test_grouped_kv_heads(case, schedules):
+    schedules(lambda: run_case(case, "emulator"))
 
 
 # Bugs planted in natgen's own kernels: each edit removes one piece of synchronisation the kernel needs,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tc_cases import core_cases, random_cases, run_case, sample_size
+from tc_cases import core_cases, gqa_cases, random_cases, run_case, sample_size
 
 pytestmark = pytest.mark.gpu
 
@@ -22,6 +22,7 @@ requires_gpu = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA device 
 CORE = core_cases()
 PUBLIC = [c for c in CORE if c.selected]
 SAMPLE = random_cases(max(sample_size(), 16))
+GQA = gqa_cases()
 
 
 @requires_gpu
@@ -40,3 +41,9 @@ def test_random_sample(case):
 @pytest.mark.parametrize("case", PUBLIC, ids=[c.id for c in PUBLIC])
 def test_selected_through_public_api(case):
     run_case(case, "cuda", public=True)
+
+
+@requires_gpu
+@pytest.mark.parametrize("case", GQA, ids=[c.id for c in GQA])
+def test_grouped_kv_heads(case):
+    run_case(case, "cuda")

@@ -70,6 +70,8 @@ def launch(spec: KernelSpec) -> dict:
         "queries_per_task": spec.queries_per_tile,
         # every query computes exactly its own keys (last-axis vector padding aside)
         "computed_keys_per_useful_key": 1.0,
+        # key/value rows index the query head's kv head; the backward sums a kv head's grads over its query heads
+        "grouped_kv_heads": True,
     }
 
 

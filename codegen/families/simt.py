@@ -66,6 +66,7 @@ def launch(spec: KernelSpec) -> dict:
         # every query computes exactly its own neighbors: no masked pairs are computed
         "computed_keys_per_useful_key": 1.0,
         "limits": {"max_heads": 65535, "max_batch": 65535},  # CUDA grid y (heads) and z (batch)
+        "grouped_kv_heads": True,  # key/value rows index the query head's kv head (the heads_kv argument)
     }
 
 

@@ -23,6 +23,7 @@ struct Args {  // generated from codegen/abi.py (ABI "cpu"); the manifest record
     int64_t grad_extra_v;
     int64_t batch;
     int64_t heads;
+    int64_t heads_kv;
     int64_t head_dim;
     int64_t head_dim_v;
     int64_t n_extra;
@@ -34,7 +35,7 @@ struct Args {  // generated from codegen/abi.py (ABI "cpu"); the manifest record
     int64_t causal[3];
     double scale;
 };
-constexpr int kArgFields = 36;  // every field is 8 bytes
+constexpr int kArgFields = 37;  // every field is 8 bytes
 }  // namespace natgen
 
 #include "natgen_cpu.h"
