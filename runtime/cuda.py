@@ -75,9 +75,10 @@ def _function(instance: Instance, arch: str, device_index: int):
 _SCALARS = {"i32": np.int32, "f32": np.float32, "i64": np.int64, "f64": np.float64}
 
 
-def cupy_launcher(function, plan: Plan, stream_of):
+def cupy_launcher(function, plan: Plan, stream_of, device_index: Optional[int] = None):
     """launcher(tensors) for KernelCall: scalars converted once, tensor addresses per call. `function` is a
-    CuPy RawKernel, or for a dry run any callable with its signature (nothing runs)."""
+    CuPy RawKernel, or for a dry run any callable with its signature (nothing runs); with `device_index`
+    the launch runs in that device's context (the one its module was loaded in)."""
     converted = [None if kind == "ptr" else _SCALARS[kind](value)
                  for kind, value in zip(plan.scalar_types, plan.template)]
     positions = [position for position, _ in plan.pointers]
@@ -90,7 +91,15 @@ def cupy_launcher(function, plan: Plan, stream_of):
             values[position] = uint64(tensor.data_ptr())
         function(grid, block, tuple(values), shared_mem=shared_mem, stream=stream_of())
 
-    return launch
+    if device_index is None:
+        return launch
+    device = cupy_module().cuda.Device(device_index)
+
+    def launch_on_device(tensors):
+        with device:
+            launch(tensors)
+
+    return launch_on_device
 
 
 class CudaCall(Resolved):
@@ -113,7 +122,8 @@ class CudaCall(Resolved):
                 return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device_index)
 
         self.call = KernelCall(forward, problem)
-        self.call.launcher = cupy_launcher(function, self.call.plan, stream_of)
+        self.call.launcher = cupy_launcher(function, self.call.plan, stream_of,
+                                           None if dry_run is not None else device_index)
         self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
 
 

@@ -172,7 +172,7 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
         index = device.index if device.index is not None else torch.cuda.current_device()
         function = cuda._function(instance, cuda.device_arch(device), index)
         call.launcher = cuda.cupy_launcher(function, call.plan, lambda: cupy.cuda.ExternalStream(
-            torch.cuda.current_stream(device).cuda_stream, index))
+            torch.cuda.current_stream(device).cuda_stream, index), index)
     tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
     return call(*tensors)
 
