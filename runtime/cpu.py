@@ -45,11 +45,10 @@ def compute_problem(problem: Problem) -> Problem:
 
 @functools.lru_cache(maxsize=256)  # ranking the manifest costs ~ms; a problem's answer never changes
 def choose(problem: Problem, op: str = "fwd") -> Instance:
-    compute = compute_problem(problem)
-    forward = selector.select("fwd", compute, selector.Target("cpu")).instance
     if selector.op_token(op) == "fwd":
-        return forward
-    return selector.select_backward(forward, compute, selector.Target("cpu")).instance
+        return selector.select("fwd", compute_problem(problem), selector.Target("cpu")).instance
+    # among the partners of the (cached) forward choice
+    return selector.select_backward(choose(problem, "fwd"), compute_problem(problem), selector.Target("cpu")).instance
 
 
 class _Blocks:

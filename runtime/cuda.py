@@ -102,28 +102,33 @@ def cupy_launcher(function, plan: Plan, stream_of, device_index: Optional[int] =
     return launch_on_device
 
 
+def kernel_call(instance: Instance, problem: Problem, arch: str, device_index: int) -> KernelCall:
+    """A KernelCall of `instance` on a CUDA device: the loaded function (with the larger shared-memory carve-out
+    where the launch needs it), launched on torch's current stream in the device's context."""
+    cupy = cupy_module()
+    function = _function(instance, arch, device_index)
+    if instance.launch.get("dynamic_smem", 0) > 48 * 1024:
+        # above 48 KB a kernel must opt in to the larger dynamic shared memory carve-out
+        function.max_dynamic_shared_size_bytes = instance.launch["dynamic_smem"]
+    device = torch.device("cuda", device_index)
+
+    def stream_of():
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device_index)
+
+    call = KernelCall(instance, problem)
+    call.launcher = cupy_launcher(function, call.plan, stream_of, device_index)
+    return call
+
+
 class CudaCall(Resolved):
     def __init__(self, problem: Problem, target: selector.Target, device_index: Optional[int], dry_run=None):
         forward = selector.select("fwd", problem, target).instance
         super().__init__("cuda", forward, None)  # no CUDA backward kernels yet: gradients take the reference
-        self.target = target
-        if dry_run is not None:
-            stream_of = lambda: None  # noqa: E731
-            function = dry_run
+        if dry_run is None:
+            self.call = kernel_call(forward, problem, target.arch, device_index)
         else:
-            cupy = cupy_module()
-            function = _function(forward, target.arch, device_index)
-            if forward.launch.get("dynamic_smem", 0) > 48 * 1024:
-                # above 48 KB a kernel must opt in to the larger dynamic shared memory carve-out
-                function.max_dynamic_shared_size_bytes = forward.launch["dynamic_smem"]
-            device = torch.device("cuda", device_index)
-
-            def stream_of():
-                return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device_index)
-
-        self.call = KernelCall(forward, problem)
-        self.call.launcher = cupy_launcher(function, self.call.plan, stream_of,
-                                           None if dry_run is not None else device_index)
+            self.call = KernelCall(forward, problem)
+            self.call.launcher = cupy_launcher(dry_run, self.call.plan, lambda: None)
         self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
 
 

@@ -40,13 +40,18 @@ def emulator_launcher(instance: Instance, plan, seed: Optional[int] = None):
     return run
 
 
+def kernel_call(instance: Instance, problem: Problem, seed: Optional[int] = None) -> KernelCall:
+    call = KernelCall(instance, problem)
+    call.launcher = emulator_launcher(instance, call.plan, seed)
+    return call
+
+
 class EmulatedCall(Resolved):
     def __init__(self, problem: Problem, arch: Optional[str] = None, seed: Optional[int] = None):
         target = selector.Target("cuda", arch or DEFAULT_ARCH)
         forward = selector.select("fwd", problem, target).instance
         super().__init__("emulator", forward, None)  # no CUDA backward kernels yet: gradients take the reference
-        self.call = KernelCall(forward, problem)
-        self.call.launcher = emulator_launcher(forward, self.call.plan, seed)
+        self.call = kernel_call(forward, problem, seed)
         self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
 
 

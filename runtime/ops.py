@@ -150,7 +150,6 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
     emulator (`via="emulator"`, CPU tensors; `seed` shuffles its thread schedule). Returns (out, lse). For
     tests and debugging; the instance must support the problem, which is checked first."""
     from . import selector
-    from .launch import KernelCall
     from .manifest import find
     problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values)
@@ -159,20 +158,15 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
     reasons = selector.not_supported_reasons(instance, problem, selector.Target("cuda", arch), instance.spec.op)
     if reasons:
         raise ValueError(f"instance {name} cannot run this problem: {'; '.join(reasons)}")
-    if via not in ("emulator", "cuda"):
-        raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
-    call = KernelCall(instance, problem)
     if via == "emulator":
-        from .emulated import emulator_launcher
-        call.launcher = emulator_launcher(instance, call.plan, seed)
-    else:
-        import cupy
+        from . import emulated
+        call = emulated.kernel_call(instance, problem, seed)
+    elif via == "cuda":
         from . import cuda
-        device = q.device
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        function = cuda._function(instance, cuda.device_arch(device), index)
-        call.launcher = cuda.cupy_launcher(function, call.plan, lambda: cupy.cuda.ExternalStream(
-            torch.cuda.current_stream(device).cuda_stream, index), index)
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        call = cuda.kernel_call(instance, problem, cuda.device_arch(q.device), index)
+    else:
+        raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
     tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
     return call(*tensors)
 

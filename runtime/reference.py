@@ -93,37 +93,41 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _attend_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys, extra_values):
-    """(out [batch, q, heads, head_dim_v], lse [batch, q, heads]) for one chunk of q queries.
+def _chunk_logits(queries, k_flat, v_flat, key_index, valid, scale, extra_keys):
+    """The chunk's gathered keys and values and its scaled logits, heads grouped by key/value head.
 
-    valid is None when no window is padded (non-causal), which skips the mask.
-    """
+    queries [batch, q, heads, head_dim] -> (queries [batch, q, heads_kv, group, head_dim], keys and values
+    [batch, q, window, heads_kv, d], flat key index, logits [batch, q, heads_kv, group, window + n_extra]).
+    Query head h reads kv head h // group: indexed, never repeated. valid is None when no window is padded
+    (non-causal), which skips the mask."""
     batch, count, heads, head_dim = queries.shape
     heads_kv = k_flat.shape[2]
-    # grouped heads: query head h reads kv head h // (heads // heads_kv), indexed, never repeated
     queries = queries.view(batch, count, heads_kv, heads // heads_kv, head_dim)
     window = key_index.shape[1]
     flat_index = key_index.reshape(-1)
     keys = k_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
     values = v_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
-
-    logits = torch.einsum("bqhgd,bqwhd->bqhgw", queries, keys).flatten(2, 3) * scale
+    logits = torch.einsum("bqhgd,bqwhd->bqhgw", queries, keys) * scale
     if valid is not None:
-        logits = logits.masked_fill(~valid[None, :, None, :], float("-inf"))
+        logits = logits.masked_fill(~valid[None, :, None, None, :], float("-inf"))
     if extra_keys is not None:
-        extra_logits = torch.einsum("bqhgd,behd->bqhge", queries, extra_keys).flatten(2, 3) * scale
-        logits = torch.cat([logits, extra_logits], dim=-1)
+        logits = torch.cat([logits, torch.einsum("bqhgd,behd->bqhge", queries, extra_keys) * scale], dim=-1)
+    return queries, keys, values, flat_index, logits
 
+
+def _attend_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys, extra_values):
+    """(out [batch, q, heads, head_dim_v], lse [batch, q, heads]) for one chunk of q queries."""
+    _, _, values, _, logits = _chunk_logits(queries, k_flat, v_flat, key_index, valid, scale, extra_keys)
+    window = key_index.shape[1]
     # Every query sees at least itself, so the row max is finite and no row is all -inf. Detaching it
     # is exact: out and lse do not depend on the shift, and amax's gradient would only add noise.
     row_max = logits.amax(dim=-1, keepdim=True).detach()
     weights = torch.exp(logits - row_max)
     denominator = weights.sum(dim=-1, keepdim=True)
-    grouped = weights.unflatten(2, (heads_kv, heads // heads_kv))
-    out = torch.einsum("bqhgw,bqwhd->bqhgd", grouped[..., :window], values).flatten(2, 3)
+    out = torch.einsum("bqhgw,bqwhd->bqhgd", weights[..., :window], values)
     if extra_keys is not None:
-        out = out + torch.einsum("bqhge,behd->bqhgd", grouped[..., window:], extra_values).flatten(2, 3)
-    return out / denominator, (row_max + torch.log(denominator)).squeeze(-1)
+        out = out + torch.einsum("bqhge,behd->bqhgd", weights[..., window:], extra_values)
+    return (out / denominator).flatten(2, 3), (row_max + torch.log(denominator)).squeeze(-1).flatten(2, 3)
 
 
 def na_reference(q, k, v, problem: Problem, additional_keys=None, additional_values=None,
@@ -195,19 +199,10 @@ def _backward_chunk(queries, k_flat, v_flat, key_index, valid, scale, extra_keys
     """Accumulate one chunk's gradients into grads = [dq chunk out, dk, dv, d extra_k, d extra_v] (explicit
     formulas, no autograd: dS = P * (dP - rowsum(dO * O) + d lse))."""
     batch, count, heads, head_dim = queries.shape
-    heads_kv = k_flat.shape[2]
-    group = heads // heads_kv
-    queries = queries.view(batch, count, heads_kv, group, head_dim)
+    queries, keys, values, flat_index, logits = _chunk_logits(queries, k_flat, v_flat, key_index, valid, scale,
+                                                              extra_keys)
+    heads_kv, group, window = queries.shape[2], queries.shape[3], key_index.shape[1]
     grad_out = grad_out.reshape(batch, count, heads_kv, group, -1)
-    window = key_index.shape[1]
-    flat_index = key_index.reshape(-1)
-    keys = k_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
-    values = v_flat.index_select(1, flat_index).view(batch, count, window, heads_kv, -1)
-    logits = torch.einsum("bqhgd,bqwhd->bqhgw", queries, keys) * scale
-    if valid is not None:
-        logits = logits.masked_fill(~valid[None, :, None, None, :], float("-inf"))
-    if extra_keys is not None:
-        logits = torch.cat([logits, torch.einsum("bqhgd,behd->bqhge", queries, extra_keys) * scale], dim=-1)
     probabilities = torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
     p_window, p_extra = probabilities[..., :window], probabilities[..., window:]
     out = torch.einsum("bqhgw,bqwhd->bqhgd", p_window, values)

@@ -21,7 +21,6 @@ from torch import Tensor
 from . import ops
 from .autograd import reference_grads
 from .problem import make_problem
-from .reference import na_reference
 
 NAMESPACE = "natgen"
 
@@ -36,12 +35,9 @@ def na_forward(q: Tensor, k: Tensor, v: Tensor, additional_keys: Optional[Tensor
                additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int],
                dilation: List[int], is_causal: List[bool], scale: Optional[float], backend: Optional[str],
                arch: Optional[str]) -> Tuple[Tensor, Tensor]:
-    problem, resolved = ops.resolve(len(kernel_size), q, k, v, tuple(kernel_size), tuple(stride), tuple(dilation),
-                                    tuple(is_causal), scale, additional_keys, additional_values, backend, arch)
+    _, resolved = ops.resolve(len(kernel_size), q, k, v, tuple(kernel_size), tuple(stride), tuple(dilation),
+                              tuple(is_causal), scale, additional_keys, additional_values, backend, arch)
     tensors = [t.contiguous() if t is not None else None for t in (q, k, v, additional_keys, additional_values)]
-    if resolved.backend == "reference":
-        with torch.no_grad():
-            return na_reference(*tensors[:3], problem, tensors[3], tensors[4], return_lse=True)
     return resolved.forward(*tensors)
 
 
@@ -74,13 +70,7 @@ def na_backward(q: Tensor, k: Tensor, v: Tensor, additional_keys: Optional[Tenso
         grads = resolved.backward(*tensors, out.contiguous(), lse.contiguous(), grad_out, grad_lse)
     if grads is None:
         grads = reference_grads(problem, tensors, grad_out, grad_lse)
-    # every output is a fresh tensor (an op's outputs may not alias its inputs or each other)
-    return tuple(_empty_like_missing(q) if g is None else g.clone() if _aliases(g, tensors) else g
-                 for g in grads)
-
-
-def _aliases(grad: Tensor, tensors) -> bool:
-    return any(t is not None and grad.data_ptr() == t.data_ptr() and grad.numel() for t in tensors)
+    return tuple(_empty_like_missing(q) if g is None else g for g in grads)  # every grad is a fresh tensor
 
 
 @na_backward.register_fake
