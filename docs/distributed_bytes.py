@@ -314,14 +314,8 @@ def timing_table(repeats=60):
 
 
 def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return "unknown CPU"
+    from natgen.bench.report import cpu_model
+    return f"{cpu_model() or 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def main(argv=None):

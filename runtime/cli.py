@@ -16,18 +16,6 @@ DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float32": "float32", "fp1
                  "fp64": "float64", "f64": "float64", "float64": "float64"}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def _dims(value) -> str:
     return value if isinstance(value, str) else "x".join(str(x) for x in value)
 
@@ -315,8 +303,8 @@ def bench(set_names, device, peers, backward, dtype, repeats, batch, budget, plo
     if overhead:
         from . import overhead as overhead_mod
         rows = overhead_mod.run()
-        click.echo(f"na2d host overhead per call (1x56x56, 4 heads, head_dim 32, K=7; torch {torch.__version__}; "
-                   f"{_cpu_name()}):")
+        from .bench.report import machine_description
+        click.echo(f"na2d host overhead per call (1x56x56, 4 heads, head_dim 32, K=7; {machine_description('cpu')}):")
         click.echo(table(["path", "cold us", "cached us", "calls"],
                          [(r["path"], f"{r['cold_us']:.0f}", f"{r['cached_us']:.1f}", r["calls"]) for r in rows]))
         if json_path:

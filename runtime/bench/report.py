@@ -91,22 +91,25 @@ def write_json(results: Sequence[SetResult], path) -> None:
         json.dump(to_json(results), f, indent=1)
 
 
-def machine_description(device="cpu") -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), or "" when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     import platform
+    return platform.processor() or ""
+
+
+def machine_description(device="cpu") -> str:
     parts = []
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
     else:
-        model = platform.processor() or ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
         import os
-        parts.append(f"{model or 'CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+        parts.append(f"{cpu_model() or 'CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     parts.append(f"torch {torch.__version__}")
     return "; ".join(parts)
