@@ -45,6 +45,7 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         _ptr("q"), _ptr("k"), _ptr("v"),
         _ptr("out", const=False), _ptr("lse", element="f32", const=False, doc="natural-log LSE, float32"),
         _ptr("extra_k"), _ptr("extra_v"),
+        _ptr("rpb", doc="relative positional bias [heads, 2K-1 per axis] (the input type), or null: no bias"),
         Field("n_extra", "i32"), Field("heads", "i32"),
         Field("heads_kv", "i32", doc="key/value heads (divide heads): query head h reads h / (heads / heads_kv)"),
         Field("length", "i32", axes=True), Field("kernel", "i32", axes=True),

@@ -88,7 +88,7 @@ def cupy_launcher(function, plan: Plan, stream_of, device_index: Optional[int] =
     def launch(tensors):
         values = converted[:]
         for position, tensor in zip(positions, tensors):
-            values[position] = uint64(tensor.data_ptr())
+            values[position] = uint64(0 if tensor is None else tensor.data_ptr())  # None: a null pointer
         function(grid, block, tuple(values), shared_mem=shared_mem, stream=stream_of())
 
     if device_index is None:

@@ -145,14 +145,15 @@ def choose(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sc
 
 
 def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                 additional_keys=None, additional_values=None, via="emulator", seed=None):
+                 additional_keys=None, additional_values=None, via="emulator", seed=None, rpb=None):
     """Run one named CUDA instance (bypassing the selector) on the GPU (`via="cuda"`) or through the
-    emulator (`via="emulator"`, CPU tensors; `seed` shuffles its thread schedule). Returns (out, lse). For
+    emulator (`via="emulator"`, CPU tensors; `seed` shuffles its thread schedule); `rpb` adds a relative
+    positional bias. Returns (out, lse). For
     tests and debugging; the instance must support the problem, which is checked first."""
     from . import selector
     from .manifest import find
     problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                           additional_keys, additional_values)
+                           additional_keys, additional_values, rpb)
     instance = find(name)
     arch = "sm_90" if via == "emulator" or instance.spec.arch == "sm_90" else "sm_80"
     reasons = selector.not_supported_reasons(instance, problem, selector.Target("cuda", arch), instance.spec.op)
@@ -167,7 +168,7 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
         call = cuda.kernel_call(instance, problem, cuda.device_arch(q.device), index)
     else:
         raise ValueError(f"via={via!r} must be 'emulator' or 'cuda'")
-    tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
+    tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values, rpb)]
     return call(*tensors)
 
 

@@ -41,6 +41,7 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     heads_kv: int = 0  # key/value heads (grouped-query attention); 0 is filled in as `heads`
+    rpb: bool = False  # a relative positional bias [heads, 2K-1 per axis] is added to the scaled logits
 
     def __post_init__(self):
         if not self.heads_kv:
@@ -125,8 +126,20 @@ def _check_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def _check_rpb(rpb, q, heads: int, kernel_size: tuple[int, ...]) -> None:
+    _check_tensor("rpb", rpb)
+    expected = (heads, *(2 * K - 1 for K in kernel_size))
+    if tuple(rpb.shape) != expected:
+        raise ValueError(f"rpb must have shape [heads, 2*kernel_size-1 per axis] = {list(expected)}, "
+                         f"got {list(rpb.shape)}")
+    if rpb.dtype != q.dtype:
+        raise ValueError(f"rpb.dtype={rpb.dtype} must match q.dtype={q.dtype}")
+    if rpb.device != q.device:
+        raise ValueError(f"rpb.device={rpb.device} must match q.device={q.device}")
+
+
 def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                 additional_keys=None, additional_values=None) -> Problem:
+                 additional_keys=None, additional_values=None, rpb=None) -> Problem:
     """Normalize per-dim parameters to tuples and validate the call against docs/semantics.md."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank={rank!r} must be an int")
@@ -217,7 +230,10 @@ def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=Fal
             if tensor.device != q.device:
                 raise ValueError(f"{name}.device={tensor.device} must match q.device={q.device}")
 
+    if rpb is not None:
+        _check_rpb(rpb, q, heads, kernel_size)
+
     return Problem(rank=rank, batch=batch, spatial=spatial, heads=heads, head_dim=head_dim,
                    head_dim_v=head_dim_v, kernel_size=kernel_size, stride=stride,
                    dilation=dilation, is_causal=is_causal, scale=scale, n_extra=n_extra,
-                   dtype=q.dtype, device=q.device, heads_kv=heads_kv)
+                   dtype=q.dtype, device=q.device, heads_kv=heads_kv, rpb=rpb is not None)

@@ -80,6 +80,8 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target, 
     if problem.heads_kv != problem.heads and not instance.launch.get("grouped_kv_heads", False):
         reasons.append(f"{problem.heads_kv} key/value heads for {problem.heads} query heads: the instance does not "
                        "index grouped key/value heads")
+    if problem.rpb and not instance.launch.get("rpb", False):
+        reasons.append("a relative positional bias: the instance adds none")
     limits = instance.launch.get("limits", {})
     for what, value in (("extra", problem.n_extra), ("window", problem.window), ("heads", problem.heads),
                         ("batch", problem.batch)):

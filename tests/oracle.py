@@ -66,8 +66,24 @@ def dense_mask(spatial, kernel_size, stride, dilation, is_causal):
     return mask
 
 
+def dense_bias(rpb, spatial, kernel_size, dilation):
+    """[heads, N, N]: the relative positional bias of every (query, key) pair of the flattened tokens, from
+    rpb [heads, 2K_0-1, ...]: query i and key j (one dilation group) read rpb[h, ..., K_a - 1 + (j_a - i_a) // D_a,
+    ...]. Pairs outside the window get some in-range entry; the mask removes them."""
+    rank = len(spatial)
+    kernel_size, dilation = _per_dim(kernel_size, rank), _per_dim(dilation, rank)
+    # each token's coordinates (row-major flattening), then per axis the [N, N] table of rpb indices
+    coords = torch.cartesian_prod(*(torch.arange(L) for L in spatial)).reshape(-1, rank)
+    index = []
+    for axis, (K, D) in enumerate(zip(kernel_size, dilation)):
+        c = coords[:, axis]
+        offset = (c[None, :] - c[:, None]).div(D, rounding_mode="floor")  # [query, key]
+        index.append((K - 1 + offset).clamp(0, 2 * K - 2))
+    return rpb[(slice(None), *index)]
+
+
 def dense_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                 additional_keys=None, additional_values=None, compute_dtype=torch.float64):
+                 additional_keys=None, additional_values=None, compute_dtype=torch.float64, rpb=None):
     """(out [batch, *spatial, heads, head_dim_v], lse [batch, *spatial, heads]), both in compute_dtype.
 
     k and v (and the extra tokens) may have fewer heads than q (grouped-query attention): they are repeated
@@ -91,6 +107,8 @@ def dense_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sc
     keys = k.reshape(batch, num_tokens, heads, head_dim).to(compute_dtype)
     values = v.reshape(batch, num_tokens, heads, v.shape[-1]).to(compute_dtype)
     logits = torch.einsum("bihd,bjhd->bhij", queries, keys) * scale
+    if rpb is not None:  # added to the scaled logits; extra tokens get none
+        logits = logits + dense_bias(rpb.to(compute_dtype), spatial, kernel_size, dilation).to(q.device)[None]
     logits = logits.masked_fill(~mask, float("-inf"))
     if additional_keys is not None:
         extra_logits = torch.einsum("bihd,behd->bhie", queries,

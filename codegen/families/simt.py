@@ -67,6 +67,7 @@ def launch(spec: KernelSpec) -> dict:
         "computed_keys_per_useful_key": 1.0,
         "limits": {"max_heads": 65535, "max_batch": 65535},  # CUDA grid y (heads) and z (batch)
         "grouped_kv_heads": True,  # key/value rows index the query head's kv head (the heads_kv argument)
+        "rpb": True,  # adds the relative positional bias the rpb argument points to (null: none)
     }
 
 

@@ -88,6 +88,7 @@ def tc_launch(spec: KernelSpec, spatial, kernel_size, limits=None) -> dict:
             tuple(spec.tile), tuple(spatial), tuple(kernel_size), tuple(spec.causal), kv_tile(spec.head_dim)), 4),
         "waste_reference": {"spatial": list(spatial), "kernel_size": list(kernel_size)},
         "grouped_kv_heads": True,  # key/value rows index the query head's kv head (the heads_kv argument)
+        "rpb": True,  # adds the relative positional bias the rpb argument points to (null: none)
     }
     figures["limits"] = dict(GRID_LIMITS, **(limits or {}))
     return figures
