@@ -53,6 +53,18 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         Field("scale_log2", "f32", doc="softmax scale times log2(e): the kernels work in base 2"),
         Field("write_lse", "i32"),
     ),
+    # The unfused (natten-style) ops, heads-first [batch, heads, *spatial, channels]: one list for the four
+    # kernel kinds (templates/unfused.cu.j2). x: query-like rows, y: key/value-like rows, attn: logits or
+    # weights [..., prod(K) + n_extra], extra: [batch, heads, n_extra, channels]; a kind reads what it needs.
+    # Stride is 1; causal is a runtime flag per axis.
+    "cuda_unfused": (
+        _ptr("x"), _ptr("y"), _ptr("attn"), _ptr("extra"),
+        _ptr("rpb", doc="relative positional bias [heads, 2K-1 per axis], or null (the qk kind)"),
+        _ptr("out", const=False),
+        Field("n_extra", "i32"), Field("heads", "i32"), Field("head_dim", "i32", doc="channels of x / y / out"),
+        Field("length", "i32", axes=True), Field("kernel", "i32", axes=True), Field("dilation", "i32", axes=True),
+        Field("causal", "i32", axes=True, fill=0),
+    ),
     # CPU forward and backward share one block of 8-byte fields (addresses as int64), passed by address.
     "cpu": (
         _ptr("q", "compute"), _ptr("k", "compute"), _ptr("v", "compute"),
@@ -130,6 +142,16 @@ def cuda_fwd_prologue(rank: int, ctype: str) -> str:
     for local, field in (("len", "length"), ("kernel_arg", "kernel"), ("stride_arg", "stride"),
                          ("dilation_arg", "dilation")):
         terms = [f"{local}{axis} = {real_axis_field(field, rank, axis)}" for axis in range(AXES)]
+        lines.append(f"const int {', '.join(terms)};")
+    return "\n    ".join(lines)
+
+
+def cuda_axis_prologue(rank: int, fields=(("len", "length", "1"), ("kernel_arg", "kernel", "1"),
+                                           ("dilation_arg", "dilation", "1"), ("causal_arg", "causal", "0"))) -> str:
+    """Locals in a template's own axis numbering (real axes first, then constants) for per-axis ABI fields."""
+    lines = []
+    for local, field, fill in fields:
+        terms = [f"{local}{axis} = {real_axis_field(field, rank, axis, fill)}" for axis in range(AXES)]
         lines.append(f"const int {', '.join(terms)};")
     return "\n    ".join(lines)
 

@@ -57,6 +57,8 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target, 
     spec, reasons = instance.spec, []
     if (spec.family == "cpu") != (target.kind == "cpu"):
         reasons.append(f"family {spec.family} does not run on {target.kind}")
+    if instance.launch.get("operation"):
+        reasons.append(f"a kernel of the unfused {instance.launch['operation']} op, not fused attention")
     if spec.op != op:
         reasons.append(f"a {spec.op} kernel, not {op}")
     if spec.rank != problem.rank:

@@ -15,7 +15,7 @@ from . import arch as arch_names
 
 ANY = "any"
 
-FAMILIES = ("simt", "tcs", "tcg", "cpu")
+FAMILIES = ("simt", "tcs", "tcg", "cpu", "unqk", "unav", "uninv", "unrpb")
 OPS = ("fwd", "bwd")
 DTYPES = ("f32", "f16", "bf16", "f64")
 ARCHS = ("sm_80", "sm_90", "cpu")

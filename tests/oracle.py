@@ -212,3 +212,65 @@ def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
         assert tested[name].shape == tensors[name].shape, (
             f"grad of {name}: shape {tuple(tested[name].shape)} != {tuple(tensors[name].shape)}")
         check_by_rule(f"grad of {name}", tested[name], reference[name], naive[name], dtype)
+
+
+def _window_slots(spatial, kernel_size, dilation, is_causal):
+    """(key [N, W] flat token of each query's window slot or -1 where hidden, bias index [rank][N, W]):
+    slots row-major over the per-axis positions in the window counted from its first key, read off the
+    dense per-axis masks (stride 1)."""
+    import itertools
+    rank = len(spatial)
+    kernel_size, dilation, is_causal = (_per_dim(x, rank) for x in (kernel_size, dilation, is_causal))
+    masks = [_axis_mask(L, K, 1, D, C) for L, K, D, C in zip(spatial, kernel_size, dilation, is_causal)]
+    queries = list(itertools.product(*(range(L) for L in spatial)))
+    slots = list(itertools.product(*(range(K) for K in kernel_size)))
+    key = torch.full((len(queries), len(slots)), -1, dtype=torch.long)
+    bias = [torch.zeros(len(queries), len(slots), dtype=torch.long) for _ in range(rank)]
+    for n, coords in enumerate(queries):
+        visible = [mask[i].nonzero().flatten().tolist() for mask, i in zip(masks, coords)]
+        for s, t in enumerate(slots):
+            flat, ok = 0, True
+            for a in range(rank):
+                D, K = dilation[a], kernel_size[a]
+                j = visible[a][0] + t[a] * D  # the window's first key, then every D-th position
+                ok = ok and j in visible[a]
+                flat = flat * spatial[a] + j
+                bias[a][n, s] = min(max(K - 1 + (j - coords[a]) // D, 0), 2 * K - 2)
+            key[n, s] = flat if ok else -1
+    return key, bias
+
+
+def unfused_qk_oracle(query, key, kernel_size, dilation=1, is_causal=False, additional_keys=None, rpb=None,
+                      compute_dtype=torch.float64):
+    """logits [batch, heads, *spatial, W + n_extra] (heads-first), -inf at hidden slots, in compute_dtype."""
+    rank = query.dim() - 3
+    spatial = tuple(query.shape[2:2 + rank])
+    slots_key, bias_index = _window_slots(spatial, kernel_size, dilation, is_causal)
+    b, h, c = query.shape[0], query.shape[1], query.shape[-1]
+    q = query.reshape(b, h, -1, c).to(compute_dtype)
+    k = key.reshape(b, h, -1, c).to(compute_dtype)
+    gathered = k[:, :, slots_key.clamp(min=0)]                       # [b, h, N, W, c]
+    logits = (q[:, :, :, None, :] * gathered).sum(-1)
+    if rpb is not None:
+        logits = logits + rpb.to(compute_dtype)[(slice(None), *bias_index)][None]
+    logits = logits.masked_fill(slots_key[None, None] < 0, float("-inf"))
+    if additional_keys is not None:
+        logits = torch.cat([logits, torch.einsum("bhnc,bhec->bhne", q, additional_keys.to(compute_dtype))], -1)
+    return logits.reshape(b, h, *spatial, logits.shape[-1])
+
+
+def unfused_av_oracle(attn, value, kernel_size, dilation=1, is_causal=False, additional_values=None,
+                      compute_dtype=torch.float64):
+    """out [batch, heads, *spatial, head_dim]: hidden slots contribute nothing, extra values last."""
+    rank = value.dim() - 3
+    spatial = tuple(value.shape[2:2 + rank])
+    slots_key, _ = _window_slots(spatial, kernel_size, dilation, is_causal)
+    b, h, c = value.shape[0], value.shape[1], value.shape[-1]
+    window = slots_key.shape[1]
+    w = attn.reshape(b, h, -1, attn.shape[-1]).to(compute_dtype)
+    v = value.reshape(b, h, -1, c).to(compute_dtype)
+    weights = w[..., :window].masked_fill(slots_key[None, None] < 0, 0)
+    out = (weights[..., None] * v[:, :, slots_key.clamp(min=0)]).sum(-2)
+    if additional_values is not None:
+        out = out + torch.einsum("bhne,bhec->bhnc", w[..., window:], additional_values.to(compute_dtype))
+    return out.reshape(b, h, *spatial, c)
