@@ -53,6 +53,10 @@ def _close(name, got, ref, naive, dtype):
     check_by_rule(name, got.masked_fill(hidden, 0), ref.masked_fill(hidden, 0), naive.masked_fill(hidden, 0), dtype)
 
 
+def _gpu(t):
+    return t.cuda() if t is not None else None
+
+
 def _grads(fn, tensors, cotangent):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
     out = fn(*leaves)
