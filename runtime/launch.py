@@ -70,7 +70,7 @@ def plan(instance: Instance, problem: Problem) -> Plan:
 
 
 # the tensors a forward call provides, by ABI field name
-FORWARD_TENSORS = ("q", "k", "v", "out", "lse", "extra_k", "extra_v")
+FORWARD_TENSORS = ("q", "k", "v", "out", "lse", "extra_k", "extra_v", "rpb")
 
 
 class KernelCall:
@@ -93,12 +93,14 @@ class KernelCall:
         self.dtype, self.device = problem.dtype, problem.device
         self.placeholder = torch.zeros(1, dtype=problem.dtype, device=problem.device)  # never read: n_extra = 0
 
-    def __call__(self, q, k, v, extra_k=None, extra_v=None):
+    def __call__(self, q, k, v, extra_k=None, extra_v=None, rpb=None):
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
         if extra_k is None:
             extra_k = extra_v = self.placeholder
-        tensors = (q, k, v, out, lse, extra_k, extra_v)
+        if rpb is None:
+            rpb = self.placeholder  # never read: the selector gives a bias only to instances that read it
+        tensors = (q, k, v, out, lse, extra_k, extra_v, rpb)
         if self.order is not None:
             tensors = tuple(tensors[i] for i in self.order)
         self.launcher(tensors)

@@ -41,6 +41,9 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     heads_kv: int = 0  # key/value heads (grouped-query attention); 0 is filled in as `heads`
+    # a relative positional bias [heads, 2*K_0 - 1, ...] is added to the logits (the tensor travels with the
+    # call, like the extra tokens; the Problem only records that there is one)
+    has_rpb: bool = False
 
     def __post_init__(self):
         if not self.heads_kv:
@@ -125,8 +128,27 @@ def _check_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def rpb_shape(heads: int, kernel_size) -> tuple[int, ...]:
+    """The shape of a relative positional bias: [heads, 2*K_0 - 1, ..., 2*K_{r-1} - 1] (every key offset of a
+    window along an axis lies in -(K-1)..K-1, in dilation steps)."""
+    return (heads, *(2 * K - 1 for K in kernel_size))
+
+
+def check_rpb(rpb, heads: int, kernel_size, dtype: torch.dtype, device: torch.device, what: str = "q") -> None:
+    """The rules of a relative positional bias, shared by the fused and the unfused ops."""
+    _check_tensor("rpb", rpb)
+    expected = rpb_shape(heads, kernel_size)
+    if tuple(rpb.shape) != expected:
+        rule = ", ".join(f"2*kernel_size[{a}]-1={n}" for a, n in enumerate(expected[1:]))
+        raise ValueError(f"rpb.shape={tuple(rpb.shape)} must be [heads={heads}, {rule}] = {expected}")
+    if rpb.dtype != dtype:
+        raise ValueError(f"rpb.dtype={rpb.dtype} must match {what}.dtype={dtype}")
+    if rpb.device != device:
+        raise ValueError(f"rpb.device={rpb.device} must match {what}.device={device}")
+
+
 def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                 additional_keys=None, additional_values=None) -> Problem:
+                 additional_keys=None, additional_values=None, rpb=None) -> Problem:
     """Normalize per-dim parameters to tuples and validate the call against docs/semantics.md."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank={rank!r} must be an int")
@@ -217,7 +239,10 @@ def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=Fal
             if tensor.device != q.device:
                 raise ValueError(f"{name}.device={tensor.device} must match q.device={q.device}")
 
+    if rpb is not None:
+        check_rpb(rpb, heads, kernel_size, q.dtype, q.device)
+
     return Problem(rank=rank, batch=batch, spatial=spatial, heads=heads, head_dim=head_dim,
                    head_dim_v=head_dim_v, kernel_size=kernel_size, stride=stride,
                    dilation=dilation, is_causal=is_causal, scale=scale, n_extra=n_extra,
-                   dtype=q.dtype, device=q.device, heads_kv=heads_kv)
+                   dtype=q.dtype, device=q.device, heads_kv=heads_kv, has_rpb=rpb is not None)

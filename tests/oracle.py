@@ -7,6 +7,8 @@ does an ordinary masked softmax, so it is only for the small problems tests use.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 _EPS = {dtype: torch.finfo(dtype).eps
@@ -66,8 +68,39 @@ def dense_mask(spatial, kernel_size, stride, dilation, is_causal):
     return mask
 
 
+def axis_windows(L, K, S, D, causal):
+    """Per query i along one axis: the keys it sees, in order (the same 1-D rule as _axis_mask)."""
+    mask = _axis_mask(L, K, S, D, causal)
+    return [[j for j in range(L) if mask[i, j]] for i in range(L)]
+
+
+def dense_bias(rpb, spatial, kernel_size, stride=1, dilation=1, is_causal=False):
+    """[heads, N, N]: the relative positional bias of every (query, key) pair, 0 where the key is not seen.
+
+    Along each axis the pair (i, j) reads entry K - 1 + (j - i) / D (j - i is a multiple of D in a window);
+    the N-D entry is the per-axis entries together (rpb[h, e_0, e_1, ...])."""
+    rank = len(spatial)
+    kernel_size, stride, dilation, is_causal = (
+        _per_dim(x, rank) for x in (kernel_size, stride, dilation, is_causal))
+    per_axis = []
+    for L, K, S, D, C in zip(spatial, kernel_size, stride, dilation, is_causal):
+        entry = torch.zeros(L, L, dtype=torch.long)
+        for i, keys in enumerate(axis_windows(L, K, S, D, C)):
+            for j in keys:
+                assert (j - i) % D == 0 and abs(j - i) // D <= K - 1
+                entry[i, j] = K - 1 + (j - i) // D
+        per_axis.append(entry)
+    coords = list(itertools.product(*[range(L) for L in spatial]))  # row-major token order
+    n = len(coords)
+    index = torch.zeros(n, n, rank, dtype=torch.long)
+    for a in range(rank):
+        axis_i = torch.tensor([c[a] for c in coords])
+        index[:, :, a] = per_axis[a][axis_i[:, None], axis_i[None, :]]
+    return rpb[(slice(None), *[index[:, :, a] for a in range(rank)])]
+
+
 def dense_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                 additional_keys=None, additional_values=None, compute_dtype=torch.float64):
+                 additional_keys=None, additional_values=None, compute_dtype=torch.float64, rpb=None):
     """(out [batch, *spatial, heads, head_dim_v], lse [batch, *spatial, heads]), both in compute_dtype.
 
     k and v (and the extra tokens) may have fewer heads than q (grouped-query attention): they are repeated
@@ -91,6 +124,8 @@ def dense_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sc
     keys = k.reshape(batch, num_tokens, heads, head_dim).to(compute_dtype)
     values = v.reshape(batch, num_tokens, heads, v.shape[-1]).to(compute_dtype)
     logits = torch.einsum("bihd,bjhd->bhij", queries, keys) * scale
+    if rpb is not None:
+        logits = logits + dense_bias(rpb.to(compute_dtype), spatial, kernel_size, stride, dilation, is_causal)
     logits = logits.masked_fill(~mask, float("-inf"))
     if additional_keys is not None:
         extra_logits = torch.einsum("bihd,behd->bhie", queries,
@@ -169,7 +204,7 @@ def _grads(forward, tensors, cotangent):
 def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
     """Compare gradients of `forward` with the oracle's for one fixed random cotangent of the output.
 
-    forward(q=, k=, v=, additional_keys=, additional_values=) must return out (or (out, lse)); it is
+    forward(q=, k=, v=, additional_keys=, additional_values=, rpb=) must return out (or (out, lse)); it is
     the backend under test with every other parameter already bound. The naive gradients are autograd
     through the dense oracle run in the input dtype, the reference ones through it in float64, both
     from the same (input-dtype) tensors and cotangent so only arithmetic differs.
@@ -177,9 +212,12 @@ def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
     dtype = q.dtype
     extra_keys = params.pop("additional_keys", None)
     extra_values = params.pop("additional_values", None)
+    rpb = params.pop("rpb", None)
     tensors = {"q": q, "k": k, "v": v}
     if extra_keys is not None:
         tensors.update(additional_keys=extra_keys, additional_values=extra_values)
+    if rpb is not None:
+        tensors.update(rpb=rpb)
     out_shape = (*q.shape[:-1], v.shape[-1])
     cotangent = _random_cotangent(out_shape, dtype, seed)
 
