@@ -45,8 +45,6 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         _ptr("q"), _ptr("k"), _ptr("v"),
         _ptr("out", const=False), _ptr("lse", element="f32", const=False, doc="natural-log LSE, float32"),
         _ptr("extra_k"), _ptr("extra_v"),
-        _ptr("rpb", doc="relative positional bias [heads, 2*K_0-1, ...] or null; read only where the instance "
-                        "supports it (launch[\"rpb\"])"),
         Field("n_extra", "i32"), Field("heads", "i32"),
         Field("heads_kv", "i32", doc="key/value heads (divide heads): query head h reads h / (heads / heads_kv)"),
         Field("length", "i32", axes=True), Field("kernel", "i32", axes=True),
@@ -54,6 +52,8 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         Field("scale_log2", "f32", doc="softmax scale times log2(e): the kernels work in base 2"),
         Field("write_lse", "i32"),
     ),
+    # (The CUDA forward gains `_ptr("rpb")` after extra_v with the kernels that add the bias: a field here changes
+    # every CUDA source, and so the ptxas figures recorded for them; runtime/launch.py already passes "rpb".)
     # CPU forward and backward share one block of 8-byte fields (addresses as int64), passed by address.
     "cpu": (
         _ptr("q", "compute"), _ptr("k", "compute"), _ptr("v", "compute"),

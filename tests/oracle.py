@@ -232,3 +232,69 @@ def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
         assert tested[name].shape == tensors[name].shape, (
             f"grad of {name}: shape {tuple(tested[name].shape)} != {tuple(tensors[name].shape)}")
         check_by_rule(f"grad of {name}", tested[name], reference[name], naive[name], dtype)
+
+
+def _window_slots(spatial, kernel_size, dilation, is_causal):
+    """Per row-major query: a list over the prod(K) slots (row-major over per-axis positions counted from each
+    axis's window start) of (flat key index or None where a causal window has no key, per-axis bias entry)."""
+    rank = len(spatial)
+    kernel_size, dilation, is_causal = (_per_dim(x, rank) for x in (kernel_size, dilation, is_causal))
+    windows = [axis_windows(L, K, 1, D, C) for L, K, D, C in zip(spatial, kernel_size, dilation, is_causal)]
+    slots = []
+    for coords in itertools.product(*[range(L) for L in spatial]):
+        row = []
+        for positions in itertools.product(*[range(K) for K in kernel_size]):
+            key, entry = 0, []
+            for a, t in enumerate(positions):
+                keys = windows[a][coords[a]]
+                if t >= len(keys):
+                    key = None
+                    break
+                key = key * spatial[a] + keys[t]
+                entry.append(kernel_size[a] - 1 + (keys[t] - coords[a]) // dilation[a])
+            row.append((key, tuple(entry)))
+        slots.append(row)
+    return slots
+
+
+def unfused_qk_oracle(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, additional_keys=None,
+                      compute_dtype=torch.float64):
+    """Logits [batch, heads, *spatial, prod(K) + n_extra] of heads-first query/key, slot by slot."""
+    batch, heads = query.shape[:2]
+    spatial = tuple(query.shape[2:-1])
+    q = query.reshape(batch, heads, -1, query.shape[-1]).to(compute_dtype)
+    k = key.reshape(batch, heads, -1, key.shape[-1]).to(compute_dtype)
+    columns = []
+    for n, row in enumerate(_window_slots(spatial, kernel_size, dilation, is_causal)):
+        values = []
+        for key_index, entry in row:
+            if key_index is None:
+                values.append(torch.full((batch, heads), float("-inf"), dtype=compute_dtype))
+                continue
+            logit = (q[:, :, n] * k[:, :, key_index]).sum(-1)
+            if rpb is not None:
+                logit = logit + rpb.to(compute_dtype)[(slice(None), *entry)]
+            values.append(logit)
+        if additional_keys is not None:
+            values += list((q[:, :, n, None] * additional_keys.to(compute_dtype)).sum(-1).unbind(-1))
+        columns.append(torch.stack(values, dim=-1))
+    return torch.stack(columns, dim=2).reshape(batch, heads, *spatial, -1)
+
+
+def unfused_av_oracle(attn, value, kernel_size, dilation=1, is_causal=False, additional_values=None,
+                      compute_dtype=torch.float64):
+    """[batch, heads, *spatial, head_dim]: the attn slots weighting their keys' values."""
+    batch, heads = value.shape[:2]
+    spatial = tuple(value.shape[2:-1])
+    v = value.reshape(batch, heads, -1, value.shape[-1]).to(compute_dtype)
+    a = attn.reshape(batch, heads, v.shape[2], -1).to(compute_dtype)
+    rows = []
+    for n, row in enumerate(_window_slots(spatial, kernel_size, dilation, is_causal)):
+        total = torch.zeros(batch, heads, v.shape[-1], dtype=compute_dtype)
+        for slot, (key_index, _) in enumerate(row):
+            if key_index is not None:
+                total = total + a[:, :, n, slot, None] * v[:, :, key_index]
+        if additional_values is not None:
+            total = total + (a[:, :, n, len(row):, None] * additional_values.to(compute_dtype)).sum(2)
+        rows.append(total)
+    return torch.stack(rows, dim=2).reshape(value.shape)

@@ -63,7 +63,6 @@ extern "C" __global__ void __launch_bounds__(128, 8) na1d_fwd_simt_k3_d1_c0_bf16
     float* __restrict__ lse,
     const __nv_bfloat16* __restrict__ extra_k,
     const __nv_bfloat16* __restrict__ extra_v,
-    const __nv_bfloat16* __restrict__ rpb,
     int n_extra,
     int heads,
     int heads_kv,

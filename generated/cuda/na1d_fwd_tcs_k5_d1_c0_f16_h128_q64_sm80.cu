@@ -50,7 +50,6 @@ extern "C" __global__ void __launch_bounds__(128, 2) na1d_fwd_tcs_k5_d1_c0_f16_h
     float* __restrict__ lse,
     const half* __restrict__ extra_k,
     const half* __restrict__ extra_v,
-    const half* __restrict__ rpb,
     int n_extra,
     int heads,
     int heads_kv,

@@ -45,7 +45,6 @@ extern "C" __global__ void __launch_bounds__(128, 2) na2d_fwd_tcg_kany_dany_c00_
     float* __restrict__ lse,
     const half* __restrict__ extra_k,
     const half* __restrict__ extra_v,
-    const half* __restrict__ rpb,
     int n_extra,
     int heads,
     int heads_kv,

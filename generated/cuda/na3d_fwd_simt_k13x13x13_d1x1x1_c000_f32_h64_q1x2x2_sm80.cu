@@ -63,7 +63,6 @@ extern "C" __global__ void __launch_bounds__(128, 8) na3d_fwd_simt_k13x13x13_d1x
     float* __restrict__ lse,
     const float* __restrict__ extra_k,
     const float* __restrict__ extra_v,
-    const float* __restrict__ rpb,
     int n_extra,
     int heads,
     int heads_kv,

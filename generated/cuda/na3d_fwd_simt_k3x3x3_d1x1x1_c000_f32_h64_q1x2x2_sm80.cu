@@ -63,7 +63,6 @@ extern "C" __global__ void __launch_bounds__(128, 8) na3d_fwd_simt_k3x3x3_d1x1x1
     float* __restrict__ lse,
     const float* __restrict__ extra_k,
     const float* __restrict__ extra_v,
-    const float* __restrict__ rpb,
     int n_extra,
     int heads,
     int heads_kv,

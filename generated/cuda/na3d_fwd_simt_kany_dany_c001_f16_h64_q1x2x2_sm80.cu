@@ -63,7 +63,6 @@ extern "C" __global__ void __launch_bounds__(128, 8) na3d_fwd_simt_kany_dany_c00
     float* __restrict__ lse,
     const half* __restrict__ extra_k,
     const half* __restrict__ extra_v,
-    const half* __restrict__ rpb,
     int n_extra,
     int heads,
     int heads_kv,

@@ -45,7 +45,6 @@ extern "C" __global__ void __launch_bounds__(128, 4) na3d_fwd_tcg_kany_dany_c110
     float* __restrict__ lse,
     const __nv_bfloat16* __restrict__ extra_k,
     const __nv_bfloat16* __restrict__ extra_v,
-    const __nv_bfloat16* __restrict__ rpb,
     int n_extra,
     int heads,
     int heads_kv,
