@@ -133,3 +133,23 @@ def test_instances_without_rpb_refuse_it_with_a_reason():
     if not any(i.launch.get("rpb", False) for i in load() if i.spec.family != "cpu"):
         with pytest.raises((NoKernelError, RuntimeError)):
             natgen.na2d(q, k, v, 3, rpb=rpb, backend="emulator")
+
+
+def test_bench_rpb_peers_compute_the_same_attention():
+    """natgen bench's rpb sets: the natgen peer (fused, with the case's bias) and the unfused composition
+    compute the same outputs and gradients; peers without a bias say so instead of timing something else."""
+    from natgen.bench import PEER_FACTORIES, PeerUnavailable, ProblemSet, make_case
+    ps = ProblemSet("tiny-rpb", 2, 1, 2, (9, 10), 8, 3, 2, rpb=True)
+    for backward in (False, True):
+        case = make_case(ps, "cpu", torch.float64, backward)
+        fused, unfused = (PEER_FACTORIES[p](case).call() for p in ("natgen", "unfused"))
+        if backward:
+            assert len(fused) == len(unfused) == 4  # q, k, v, rpb
+            for a, b in zip(fused[3:], unfused[3:]):
+                assert torch.allclose(a, b, atol=1e-10)
+            for a, b in zip(fused[:3], unfused[:3]):
+                assert torch.allclose(a, b.movedim(1, -2), atol=1e-10)
+        else:
+            assert torch.allclose(fused, unfused.movedim(1, -2), atol=1e-12)
+    with pytest.raises(PeerUnavailable, match="takes no relative positional bias"):
+        PEER_FACTORIES["sdpa"](case)
