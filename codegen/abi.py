@@ -9,7 +9,7 @@ problem fills the last r axes and the leading 3 - r axes hold the field's fill v
 ...). This matches row-major flattening (a 1-D problem of length L is a 1 x 1 x L grid). Templates that
 number their axes from the first real one map them with `real_axis_field`.
 
-Adding an argument (a positional-bias tensor, a key/value head count) is one line here, one name in the
+Adding an argument (like the positional-bias tensor `rpb`, or a key/value head count) is one line here, one name in the
 runtime's value vocabulary (natgen.packing.VALUES) and its use in the templates.
 """
 from __future__ import annotations
@@ -70,9 +70,11 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         _ptr("q", "compute"), _ptr("k", "compute"), _ptr("v", "compute"),
         _ptr("out", "compute", False), _ptr("lse", "compute", False), _ptr("extra_k", "compute"),
         _ptr("extra_v", "compute"),
+        _ptr("rpb", "compute", doc="relative positional bias [heads, 2*K_0-1, ...] or null"),
         _ptr("grad_out", "compute"), _ptr("grad_lse", "compute"), _ptr("grad_q", "compute", False),
         _ptr("grad_k", "compute", False), _ptr("grad_v", "compute", False),
         _ptr("grad_extra_k", "compute", False), _ptr("grad_extra_v", "compute", False),
+        _ptr("grad_rpb", "compute", False, doc="[heads, 2*K_0-1, ...], summed over batch and queries"),
         Field("batch", "i64"), Field("heads", "i64"), Field("heads_kv", "i64"), Field("head_dim", "i64"),
         Field("head_dim_v", "i64"),
         Field("n_extra", "i64"), Field("threads", "i64"),

@@ -9,6 +9,7 @@ from .merge import merge_attentions
 from .modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from .ops import choose, na1d, na2d, na3d, neighborhood_attention
 from .problem import Problem, make_problem
+from . import functional  # noqa: F401  (natgen.functional: the unfused ops)
 from . import torch_ops  # noqa: F401,E402  (registers torch.ops.natgen.na_forward / na_backward)
 
 __version__ = "0.1.0"

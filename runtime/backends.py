@@ -13,8 +13,8 @@ class ReferenceCall(Resolved):
         super().__init__("reference")
         self.problem = problem
 
-    def forward(self, q, k, v, extra_k=None, extra_v=None):
-        return na_reference(q, k, v, self.problem, extra_k, extra_v, return_lse=True)
+    def forward(self, q, k, v, extra_k=None, extra_v=None, rpb=None):
+        return na_reference(q, k, v, self.problem, extra_k, extra_v, return_lse=True, rpb=rpb)
 
 
 def _resolve_reference(problem: Problem, arch: Optional[str] = None) -> ReferenceCall:

@@ -280,11 +280,13 @@ def demo(size):
 @main.command()
 @click.option("--set", "set_names", multiple=True, metavar="NAME",
               help="a standard problem set (repeatable; default: cpu-2d, cpu-1d on the CPU, the GPU sets "
-                   "on cuda): nat-1d nat-2d dinat-2d nat-3d long-1d image-2d video-3d cpu-2d cpu-1d")
+                   "on cuda): nat-1d nat-2d dinat-2d nat-3d long-1d image-2d video-3d cpu-2d cpu-1d, and with a "
+                   "relative positional bias dinat-2d-rpb cpu-dinat-rpb")
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
               help="default: cuda when available, else cpu")
 @click.option("--peers", default="natgen,reference,flex,natten,sdpa", show_default=True,
-              help="comma-separated: natgen, reference, flex, natten, sdpa")
+              help="comma-separated: natgen, reference, unfused (natgen.functional's qk + softmax + av), flex, "
+                   "natten, sdpa")
 @click.option("--backward", is_flag=True, help="time forward + backward of a fixed cotangent")
 @click.option("--dtype", default=None, help="fp32/fp16/bf16/fp64 (default: fp32 on the CPU, fp16 on cuda)")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="timed calls (min is kept)")

@@ -148,12 +148,12 @@ class CpuCall(Resolved):
 
         return run
 
-    def forward(self, q, k, v, extra_k=None, extra_v=None):
+    def forward(self, q, k, v, extra_k=None, extra_v=None, rpb=None):
         problem, dtype = self.problem, self.dtype
-        q_, k_, v_, ek_, ev_ = (_prepare(t, dtype) for t in (q, k, v, extra_k, extra_v))
+        q_, k_, v_, ek_, ev_, rpb_ = (_prepare(t, dtype) for t in (q, k, v, extra_k, extra_v, rpb))
         out = torch.empty(self.out_shape, dtype=dtype)
         lse = torch.empty(self.out_shape[:-1], dtype=dtype)
-        address = self.blocks.pack(dict(q=q_, k=k_, v=v_, out=out, lse=lse, extra_k=ek_, extra_v=ev_),
+        address = self.blocks.pack(dict(q=q_, k=k_, v=v_, out=out, lse=lse, extra_k=ek_, extra_v=ev_, rpb=rpb_),
                                    torch.get_num_threads())
         self.module.run(address, self.blocks.count)
         if dtype != problem.dtype:
@@ -162,7 +162,7 @@ class CpuCall(Resolved):
             lse = lse.to(torch.float32)
         return out, lse
 
-    def backward(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse):
+    def backward(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb=None):
         if self.backward_instance is None:
             return None
         if self._backward_module is None:
@@ -181,7 +181,7 @@ class CpuCall(Resolved):
         self._backward_module.run(address, self.blocks.count)
         originals = (q, k, v, extra_k, extra_v)
         return tuple(None if grad is None else grad if grad.dtype == original.dtype else grad.to(original.dtype)
-                     for grad, original in zip(grads.values(), originals))
+                     for grad, original in zip(grads.values(), originals)) + (None,)
 
 
 def resolve(problem: Problem, arch: Optional[str] = None) -> CpuCall:

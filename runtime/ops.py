@@ -63,9 +63,9 @@ def _call_key(rank, tensors, arguments):
 
 
 def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-            additional_values=None, backend=None, arch=None):
+            additional_values=None, backend=None, arch=None, rpb=None):
     """(problem, Resolved) for a call, from the cache when it was resolved before."""
-    key = _call_key(rank, (q, k, v, additional_keys, additional_values),
+    key = _call_key(rank, (q, k, v, additional_keys, additional_values, rpb),
                     (kernel_size, stride, dilation, is_causal, scale, backend, arch))
     try:
         entry = _CALLS.get(key) if key is not None else None
@@ -74,7 +74,7 @@ def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, s
     if entry is None:
         _check_arch(arch)
         problem = make_problem(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                               additional_keys, additional_values)
+                               additional_keys, additional_values, rpb)
         entry = (problem, resolve_call(problem, backend, arch))
         if key is not None:
             if len(_CALLS) >= _CALLS_MAX:
@@ -103,41 +103,43 @@ def _op_arguments(rank, kernel_size, stride, dilation, is_causal, scale):
 
 def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                            additional_keys=None, additional_values=None, return_lse=False, backend=None,
-                           arch=None):
+                           arch=None, rpb=None):
     if not _through_torch_op(q):
         problem, resolved = resolve(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                                    additional_keys, additional_values, backend, arch)
+                                    additional_keys, additional_values, backend, arch, rpb)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
-            additional_keys is not None and (additional_keys.requires_grad or additional_values.requires_grad)))
+            additional_keys is not None and (additional_keys.requires_grad or additional_values.requires_grad))
+            or (rpb is not None and rpb.requires_grad))
         if resolved.backend == "reference":
             # differentiable as it stands (torch ops, checkpointed chunks)
-            return na_reference(q, k, v, problem, additional_keys, additional_values, return_lse=return_lse)
+            return na_reference(q, k, v, problem, additional_keys, additional_values, return_lse=return_lse,
+                                rpb=rpb)
         if not needs_grad:
             fast = resolved.fast
-            if fast is not None and additional_keys is None:
+            if fast is not None and additional_keys is None and rpb is None:
                 result = fast(q, k, v)
                 if result is not None:
                     return result if return_lse else result[0]
-            tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values)]
+            tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values, rpb)]
             out, lse = resolved.forward(*tensors)
             return (out, lse) if return_lse else out
     _check_arch(arch)
     from . import torch_ops  # noqa: F401  (registers the natgen ops)
     out, lse = torch.ops.natgen.na_forward(q, k, v, additional_keys, additional_values,
                                            *_op_arguments(rank, kernel_size, stride, dilation, is_causal, scale),
-                                           backend, arch)
+                                           backend, arch, rpb)
     return (out, lse) if return_lse else out
 
 
 def choose(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-           additional_values=None, backend=None, arch=None, op="forward") -> Tuple[str, Optional[str]]:
+           additional_values=None, backend=None, arch=None, op="forward", rpb=None) -> Tuple[str, Optional[str]]:
     """(backend, instance name) that a call with these arguments would run for `op` ("forward" or
     "backward"); the instance is None where the reference runs (for a backward: where the chosen backend has
     no backward kernel for the problem, so its gradients are recomputed through the reference)."""
     from .selector import op_token
     token = op_token(op)
     _, resolved = resolve(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                          additional_values, backend, arch)
+                          additional_values, backend, arch, rpb)
     if token == "fwd":
         return resolved.backend, (resolved.instance.name if resolved.instance is not None else None)
     instance = resolved.backward_instance
@@ -174,9 +176,9 @@ def run_instance(name, rank, q, k, v, kernel_size, stride=1, dilation=1, is_caus
 
 def _op(rank):
     def op(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-           additional_values=None, return_lse=False, backend=None, arch=None):
+           additional_values=None, return_lse=False, backend=None, arch=None, rpb=None):
         return neighborhood_attention(rank, q, k, v, kernel_size, stride, dilation, is_causal, scale,
-                                      additional_keys, additional_values, return_lse, backend, arch)
+                                      additional_keys, additional_values, return_lse, backend, arch, rpb)
     op.__name__ = f"na{rank}d"
     op.__qualname__ = op.__name__
     op.__doc__ = (f"{rank}-D neighborhood attention on [batch, {', '.join('XYZ'[:rank])}, heads, head_dim] tensors.\n\n"
@@ -184,7 +186,8 @@ def _op(rank):
                   "additional_keys/values: [batch, n_extra, heads, head_dim], attended by every query. "
                   "return_lse also returns the float32 log-sum-exp [batch, *spatial, heads]. backend: None "
                   "(best available), 'reference', 'cuda', 'cpu' or 'emulator'. arch: with backend='emulator', "
-                  "the GPU arch whose instance choice is emulated (default sm_80).")
+                  "the GPU arch whose instance choice is emulated (default sm_80). rpb: a relative positional bias "
+                  "[heads, 2*K_0-1, ...] added to the scaled logits (docs/semantics.md).")
     return op
 
 

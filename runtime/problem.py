@@ -41,7 +41,9 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     heads_kv: int = 0  # key/value heads (grouped-query attention); 0 is filled in as `heads`
-    rpb: bool = False  # a relative positional bias [heads, 2K-1 per axis] is added to the scaled logits
+    # a relative positional bias [heads, 2*K_0 - 1, ...] is added to the logits (the tensor travels with the
+    # call, like the extra tokens; the Problem only records that there is one)
+    has_rpb: bool = False
 
     def __post_init__(self):
         if not self.heads_kv:
@@ -126,16 +128,23 @@ def _check_scale(scale, head_dim: int) -> float:
     return scale
 
 
-def _check_rpb(rpb, q, heads: int, kernel_size: tuple[int, ...]) -> None:
+def rpb_shape(heads: int, kernel_size) -> tuple[int, ...]:
+    """The shape of a relative positional bias: [heads, 2*K_0 - 1, ..., 2*K_{r-1} - 1] (every key offset of a
+    window along an axis lies in -(K-1)..K-1, in dilation steps)."""
+    return (heads, *(2 * K - 1 for K in kernel_size))
+
+
+def check_rpb(rpb, heads: int, kernel_size, dtype: torch.dtype, device: torch.device, what: str = "q") -> None:
+    """The rules of a relative positional bias, shared by the fused and the unfused ops."""
     _check_tensor("rpb", rpb)
-    expected = (heads, *(2 * K - 1 for K in kernel_size))
+    expected = rpb_shape(heads, kernel_size)
     if tuple(rpb.shape) != expected:
-        raise ValueError(f"rpb must have shape [heads, 2*kernel_size-1 per axis] = {list(expected)}, "
-                         f"got {list(rpb.shape)}")
-    if rpb.dtype != q.dtype:
-        raise ValueError(f"rpb.dtype={rpb.dtype} must match q.dtype={q.dtype}")
-    if rpb.device != q.device:
-        raise ValueError(f"rpb.device={rpb.device} must match q.device={q.device}")
+        rule = ", ".join(f"2*kernel_size[{a}]-1={n}" for a, n in enumerate(expected[1:]))
+        raise ValueError(f"rpb.shape={tuple(rpb.shape)} must be [heads={heads}, {rule}] = {expected}")
+    if rpb.dtype != dtype:
+        raise ValueError(f"rpb.dtype={rpb.dtype} must match {what}.dtype={dtype}")
+    if rpb.device != device:
+        raise ValueError(f"rpb.device={rpb.device} must match {what}.device={device}")
 
 
 def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
@@ -231,9 +240,104 @@ def make_problem(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=Fal
                 raise ValueError(f"{name}.device={tensor.device} must match q.device={q.device}")
 
     if rpb is not None:
-        _check_rpb(rpb, q, heads, kernel_size)
+        check_rpb(rpb, heads, kernel_size, q.dtype, q.device)
 
     return Problem(rank=rank, batch=batch, spatial=spatial, heads=heads, head_dim=head_dim,
                    head_dim_v=head_dim_v, kernel_size=kernel_size, stride=stride,
                    dilation=dilation, is_causal=is_causal, scale=scale, n_extra=n_extra,
-                   dtype=q.dtype, device=q.device, heads_kv=heads_kv, rpb=rpb is not None)
+                   dtype=q.dtype, device=q.device, heads_kv=heads_kv, has_rpb=rpb is not None)
+
+
+def _heads_first_layout(rank: int, last: str = "head_dim") -> str:
+    return "[batch, heads, " + ", ".join(_SPATIAL_AXIS_NAMES[rank]) + f", {last}]"
+
+
+def _unfused_geometry(rank, name, tensor, kernel_size, dilation, is_causal):
+    """(batch, heads, spatial, kernel_size, dilation, is_causal) of a heads-first tensor, the per-axis rules
+    checked as for the fused op (stride 1)."""
+    if isinstance(rank, bool) or rank not in (1, 2, 3):
+        raise ValueError(f"rank={rank!r} must be 1, 2 or 3")
+    _check_tensor(name, tensor)
+    if tensor.dim() != rank + 3:
+        raise ValueError(f"{name} has rank-{rank} heads-first layout {_heads_first_layout(rank)} "
+                         f"({rank + 3} dims), got shape {tuple(tensor.shape)}")
+    batch, heads, spatial = tensor.shape[0], tensor.shape[1], tuple(tensor.shape[2:2 + rank])
+    for what, size in (("batch", batch), ("heads", heads), ("head_dim", tensor.shape[-1])):
+        if size < 1:
+            raise ValueError(f"{what}={size} must be >= 1 ({name}.shape={tuple(tensor.shape)})")
+    kernel_size = _per_dim_ints("kernel_size", kernel_size, rank)
+    dilation = _per_dim_ints("dilation", dilation, rank)
+    is_causal = _per_dim_bools("is_causal", is_causal, rank)
+    for dim in range(rank):
+        K, D, L = kernel_size[dim], dilation[dim], spatial[dim]
+        if K < 2:
+            raise ValueError(f"kernel_size[{dim}]={K} must be >= 2")
+        if D < 1:
+            raise ValueError(f"dilation[{dim}]={D} must be >= 1")
+        if K * D > L:
+            raise ValueError(f"kernel_size[{dim}]={K} with dilation[{dim}]={D} needs spatial extent >= {K * D}, "
+                             f"got {L}")
+    return batch, heads, spatial, kernel_size, dilation, is_causal
+
+
+def _check_same(name, tensor, reference_name, reference):
+    if tensor.dtype != reference.dtype:
+        raise ValueError(f"{name}.dtype={tensor.dtype} must match {reference_name}.dtype={reference.dtype}")
+    if tensor.device != reference.device:
+        raise ValueError(f"{name}.device={tensor.device} must match {reference_name}.device={reference.device}")
+
+
+def make_unfused_qk_problem(rank, query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False,
+                            rpb=None) -> Problem:
+    """The rules of the unfused logits op na{rank}d_qk (heads-first [batch, heads, *spatial, head_dim])."""
+    batch, heads, spatial, kernel_size, dilation, is_causal = _unfused_geometry(
+        rank, "query", query, kernel_size, dilation, is_causal)
+    _check_tensor("key", key)
+    if tuple(key.shape) != tuple(query.shape):
+        raise ValueError(f"key.shape={tuple(key.shape)} must equal query.shape={tuple(query.shape)}")
+    _check_same("key", key, "query", query)
+    head_dim = query.shape[-1]
+    n_extra = 0
+    if additional_keys is not None:
+        _check_tensor("additional_keys", additional_keys)
+        if additional_keys.dim() != 4 or tuple(additional_keys.shape[:2]) != (batch, heads) \
+                or additional_keys.shape[-1] != head_dim:
+            raise ValueError(f"additional_keys must have shape [batch={batch}, heads={heads}, n_extra, "
+                             f"head_dim={head_dim}], got {tuple(additional_keys.shape)}")
+        _check_same("additional_keys", additional_keys, "query", query)
+        n_extra = additional_keys.shape[2]
+    if rpb is not None:
+        check_rpb(rpb, heads, kernel_size, query.dtype, query.device, what="query")
+    return Problem(rank=rank, batch=batch, spatial=spatial, heads=heads, head_dim=head_dim, head_dim_v=head_dim,
+                   kernel_size=kernel_size, stride=(1,) * rank, dilation=dilation, is_causal=is_causal, scale=1.0,
+                   n_extra=n_extra, dtype=query.dtype, device=query.device, heads_kv=heads,
+                   has_rpb=rpb is not None)
+
+
+def make_unfused_av_problem(rank, attn, value, kernel_size, dilation=1, additional_values=None,
+                            is_causal=False) -> Problem:
+    """The rules of the unfused weighting op na{rank}d_av: attn [batch, heads, *spatial, prod(K) + n_extra]
+    (the qk op's slots) and value [batch, heads, *spatial, head_dim]."""
+    batch, heads, spatial, kernel_size, dilation, is_causal = _unfused_geometry(
+        rank, "value", value, kernel_size, dilation, is_causal)
+    _check_tensor("attn", attn)
+    window = math.prod(kernel_size)
+    head_dim = value.shape[-1]
+    n_extra = 0 if additional_values is None else (additional_values.shape[2] if additional_values.dim() == 4
+                                                   else -1)
+    expected = (batch, heads, *spatial, window + max(n_extra, 0))
+    if tuple(attn.shape) != expected:
+        extra = f" + n_extra={n_extra}" if additional_values is not None else ""
+        raise ValueError(f"attn.shape={tuple(attn.shape)} must be [batch, heads, *spatial, prod(kernel_size)="
+                         f"{window}{extra}] = {expected} for value.shape={tuple(value.shape)}")
+    _check_same("attn", attn, "value", value)
+    if additional_values is not None:
+        _check_tensor("additional_values", additional_values)
+        if additional_values.dim() != 4 or tuple(additional_values.shape[:2]) != (batch, heads) \
+                or additional_values.shape[-1] != head_dim:
+            raise ValueError(f"additional_values must have shape [batch={batch}, heads={heads}, n_extra, "
+                             f"head_dim={head_dim}], got {tuple(additional_values.shape)}")
+        _check_same("additional_values", additional_values, "value", value)
+    return Problem(rank=rank, batch=batch, spatial=spatial, heads=heads, head_dim=head_dim, head_dim_v=head_dim,
+                   kernel_size=kernel_size, stride=(1,) * rank, dilation=dilation, is_causal=is_causal, scale=1.0,
+                   n_extra=n_extra, dtype=value.dtype, device=value.device, heads_kv=heads)

@@ -19,9 +19,10 @@ log = logging.getLogger("natgen")
 
 
 class Resolved:
-    """One call resolved to a backend. `forward(q, k, v, extra_k, extra_v) -> (out, lse)`;
-    `backward(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse) -> grads`, or None where the
-    backend has no backward kernel for the problem (its gradients are then recomputed through the reference);
+    """One call resolved to a backend. `forward(q, k, v, extra_k, extra_v, rpb) -> (out, lse)`;
+    `backward(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb) -> (grad_q, grad_k, grad_v,
+    grad_extra_k, grad_extra_v, grad_rpb)`, or None where the backend has no backward kernel for the problem
+    (its gradients are then recomputed through the reference);
     `fast`, where set, is `(q, k, v) -> (out, lse) or None` for calls without extra tokens or grads."""
 
     fast: Optional[Callable] = None
@@ -30,10 +31,10 @@ class Resolved:
                  backward_instance: Optional[Instance] = None):
         self.backend, self.instance, self.backward_instance = backend, instance, backward_instance
 
-    def forward(self, q, k, v, extra_k=None, extra_v=None):
+    def forward(self, q, k, v, extra_k=None, extra_v=None, rpb=None):
         raise NotImplementedError
 
-    def backward(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse):
+    def backward(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb=None):
         return None
 
     @property

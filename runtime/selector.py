@@ -82,8 +82,8 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target, 
     if problem.heads_kv != problem.heads and not instance.launch.get("grouped_kv_heads", False):
         reasons.append(f"{problem.heads_kv} key/value heads for {problem.heads} query heads: the instance does not "
                        "index grouped key/value heads")
-    if problem.rpb and not instance.launch.get("rpb", False):
-        reasons.append("a relative positional bias: the instance adds none")
+    if problem.has_rpb and not instance.launch.get("rpb", False):
+        reasons.append("a relative positional bias (rpb): the instance does not add one")
     limits = instance.launch.get("limits", {})
     for what, value in (("extra", problem.n_extra), ("window", problem.window), ("heads", problem.heads),
                         ("batch", problem.batch)):
@@ -150,4 +150,4 @@ def describe(problem: Problem) -> str:
             f"heads {problem.heads}" + (f" (key/value heads {problem.heads_kv})" if problem.heads_kv != problem.heads
                                         else "") + f", head_dim {problem.head_dim}, kernel {problem.kernel_size}, "
             f"stride {problem.stride}, dilation {problem.dilation}, causal {problem.is_causal}, {dtype}, "
-            f"{problem.n_extra} extra tokens")
+            f"{problem.n_extra} extra tokens" + (", with rpb" if problem.has_rpb else ""))

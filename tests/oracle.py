@@ -7,6 +7,8 @@ does an ordinary masked softmax, so it is only for the small problems tests use.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 _EPS = {dtype: torch.finfo(dtype).eps
@@ -66,20 +68,35 @@ def dense_mask(spatial, kernel_size, stride, dilation, is_causal):
     return mask
 
 
-def dense_bias(rpb, spatial, kernel_size, dilation):
-    """[heads, N, N]: the relative positional bias of every (query, key) pair of the flattened tokens, from
-    rpb [heads, 2K_0-1, ...]: query i and key j (one dilation group) read rpb[h, ..., K_a - 1 + (j_a - i_a) // D_a,
-    ...]. Pairs outside the window get some in-range entry; the mask removes them."""
+def axis_windows(L, K, S, D, causal):
+    """Per query i along one axis: the keys it sees, in order (the same 1-D rule as _axis_mask)."""
+    mask = _axis_mask(L, K, S, D, causal)
+    return [[j for j in range(L) if mask[i, j]] for i in range(L)]
+
+
+def dense_bias(rpb, spatial, kernel_size, stride=1, dilation=1, is_causal=False):
+    """[heads, N, N]: the relative positional bias of every (query, key) pair, 0 where the key is not seen.
+
+    Along each axis the pair (i, j) reads entry K - 1 + (j - i) / D (j - i is a multiple of D in a window);
+    the N-D entry is the per-axis entries together (rpb[h, e_0, e_1, ...])."""
     rank = len(spatial)
-    kernel_size, dilation = _per_dim(kernel_size, rank), _per_dim(dilation, rank)
-    # each token's coordinates (row-major flattening), then per axis the [N, N] table of rpb indices
-    coords = torch.cartesian_prod(*(torch.arange(L) for L in spatial)).reshape(-1, rank)
-    index = []
-    for axis, (K, D) in enumerate(zip(kernel_size, dilation)):
-        c = coords[:, axis]
-        offset = (c[None, :] - c[:, None]).div(D, rounding_mode="floor")  # [query, key]
-        index.append((K - 1 + offset).clamp(0, 2 * K - 2))
-    return rpb[(slice(None), *index)]
+    kernel_size, stride, dilation, is_causal = (
+        _per_dim(x, rank) for x in (kernel_size, stride, dilation, is_causal))
+    per_axis = []
+    for L, K, S, D, C in zip(spatial, kernel_size, stride, dilation, is_causal):
+        entry = torch.zeros(L, L, dtype=torch.long)
+        for i, keys in enumerate(axis_windows(L, K, S, D, C)):
+            for j in keys:
+                assert (j - i) % D == 0 and abs(j - i) // D <= K - 1
+                entry[i, j] = K - 1 + (j - i) // D
+        per_axis.append(entry)
+    coords = list(itertools.product(*[range(L) for L in spatial]))  # row-major token order
+    n = len(coords)
+    index = torch.zeros(n, n, rank, dtype=torch.long)
+    for a in range(rank):
+        axis_i = torch.tensor([c[a] for c in coords])
+        index[:, :, a] = per_axis[a][axis_i[:, None], axis_i[None, :]]
+    return rpb[(slice(None), *[index[:, :, a] for a in range(rank)])]
 
 
 def dense_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
@@ -107,8 +124,8 @@ def dense_oracle(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sc
     keys = k.reshape(batch, num_tokens, heads, head_dim).to(compute_dtype)
     values = v.reshape(batch, num_tokens, heads, v.shape[-1]).to(compute_dtype)
     logits = torch.einsum("bihd,bjhd->bhij", queries, keys) * scale
-    if rpb is not None:  # added to the scaled logits; extra tokens get none
-        logits = logits + dense_bias(rpb.to(compute_dtype), spatial, kernel_size, dilation).to(q.device)[None]
+    if rpb is not None:
+        logits = logits + dense_bias(rpb.to(compute_dtype), spatial, kernel_size, stride, dilation, is_causal)
     logits = logits.masked_fill(~mask, float("-inf"))
     if additional_keys is not None:
         extra_logits = torch.einsum("bihd,behd->bhie", queries,
@@ -187,7 +204,7 @@ def _grads(forward, tensors, cotangent):
 def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
     """Compare gradients of `forward` with the oracle's for one fixed random cotangent of the output.
 
-    forward(q=, k=, v=, additional_keys=, additional_values=) must return out (or (out, lse)); it is
+    forward(q=, k=, v=, additional_keys=, additional_values=, rpb=) must return out (or (out, lse)); it is
     the backend under test with every other parameter already bound. The naive gradients are autograd
     through the dense oracle run in the input dtype, the reference ones through it in float64, both
     from the same (input-dtype) tensors and cotangent so only arithmetic differs.
@@ -195,9 +212,12 @@ def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
     dtype = q.dtype
     extra_keys = params.pop("additional_keys", None)
     extra_values = params.pop("additional_values", None)
+    rpb = params.pop("rpb", None)
     tensors = {"q": q, "k": k, "v": v}
     if extra_keys is not None:
         tensors.update(additional_keys=extra_keys, additional_values=extra_values)
+    if rpb is not None:
+        tensors.update(rpb=rpb)
     out_shape = (*q.shape[:-1], v.shape[-1])
     cotangent = _random_cotangent(out_shape, dtype, seed)
 
@@ -215,62 +235,66 @@ def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
 
 
 def _window_slots(spatial, kernel_size, dilation, is_causal):
-    """(key [N, W] flat token of each query's window slot or -1 where hidden, bias index [rank][N, W]):
-    slots row-major over the per-axis positions in the window counted from its first key, read off the
-    dense per-axis masks (stride 1)."""
-    import itertools
+    """Per row-major query: a list over the prod(K) slots (row-major over per-axis positions counted from each
+    axis's window start) of (flat key index or None where a causal window has no key, per-axis bias entry)."""
     rank = len(spatial)
     kernel_size, dilation, is_causal = (_per_dim(x, rank) for x in (kernel_size, dilation, is_causal))
-    masks = [_axis_mask(L, K, 1, D, C) for L, K, D, C in zip(spatial, kernel_size, dilation, is_causal)]
-    queries = list(itertools.product(*(range(L) for L in spatial)))
-    slots = list(itertools.product(*(range(K) for K in kernel_size)))
-    key = torch.full((len(queries), len(slots)), -1, dtype=torch.long)
-    bias = [torch.zeros(len(queries), len(slots), dtype=torch.long) for _ in range(rank)]
-    for n, coords in enumerate(queries):
-        visible = [mask[i].nonzero().flatten().tolist() for mask, i in zip(masks, coords)]
-        for s, t in enumerate(slots):
-            flat, ok = 0, True
-            for a in range(rank):
-                D, K = dilation[a], kernel_size[a]
-                j = visible[a][0] + t[a] * D  # the window's first key, then every D-th position
-                ok = ok and j in visible[a]
-                flat = flat * spatial[a] + j
-                bias[a][n, s] = min(max(K - 1 + (j - coords[a]) // D, 0), 2 * K - 2)
-            key[n, s] = flat if ok else -1
-    return key, bias
+    windows = [axis_windows(L, K, 1, D, C) for L, K, D, C in zip(spatial, kernel_size, dilation, is_causal)]
+    slots = []
+    for coords in itertools.product(*[range(L) for L in spatial]):
+        row = []
+        for positions in itertools.product(*[range(K) for K in kernel_size]):
+            key, entry = 0, []
+            for a, t in enumerate(positions):
+                keys = windows[a][coords[a]]
+                if t >= len(keys):
+                    key = None
+                    break
+                key = key * spatial[a] + keys[t]
+                entry.append(kernel_size[a] - 1 + (keys[t] - coords[a]) // dilation[a])
+            row.append((key, tuple(entry)))
+        slots.append(row)
+    return slots
 
 
-def unfused_qk_oracle(query, key, kernel_size, dilation=1, is_causal=False, additional_keys=None, rpb=None,
+def unfused_qk_oracle(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, additional_keys=None,
                       compute_dtype=torch.float64):
-    """logits [batch, heads, *spatial, W + n_extra] (heads-first), -inf at hidden slots, in compute_dtype."""
-    rank = query.dim() - 3
-    spatial = tuple(query.shape[2:2 + rank])
-    slots_key, bias_index = _window_slots(spatial, kernel_size, dilation, is_causal)
-    b, h, c = query.shape[0], query.shape[1], query.shape[-1]
-    q = query.reshape(b, h, -1, c).to(compute_dtype)
-    k = key.reshape(b, h, -1, c).to(compute_dtype)
-    gathered = k[:, :, slots_key.clamp(min=0)]                       # [b, h, N, W, c]
-    logits = (q[:, :, :, None, :] * gathered).sum(-1)
-    if rpb is not None:
-        logits = logits + rpb.to(compute_dtype)[(slice(None), *bias_index)][None]
-    logits = logits.masked_fill(slots_key[None, None] < 0, float("-inf"))
-    if additional_keys is not None:
-        logits = torch.cat([logits, torch.einsum("bhnc,bhec->bhne", q, additional_keys.to(compute_dtype))], -1)
-    return logits.reshape(b, h, *spatial, logits.shape[-1])
+    """Logits [batch, heads, *spatial, prod(K) + n_extra] of heads-first query/key, slot by slot."""
+    batch, heads = query.shape[:2]
+    spatial = tuple(query.shape[2:-1])
+    q = query.reshape(batch, heads, -1, query.shape[-1]).to(compute_dtype)
+    k = key.reshape(batch, heads, -1, key.shape[-1]).to(compute_dtype)
+    columns = []
+    for n, row in enumerate(_window_slots(spatial, kernel_size, dilation, is_causal)):
+        values = []
+        for key_index, entry in row:
+            if key_index is None:
+                values.append(torch.full((batch, heads), float("-inf"), dtype=compute_dtype))
+                continue
+            logit = (q[:, :, n] * k[:, :, key_index]).sum(-1)
+            if rpb is not None:
+                logit = logit + rpb.to(compute_dtype)[(slice(None), *entry)]
+            values.append(logit)
+        if additional_keys is not None:
+            values += list((q[:, :, n, None] * additional_keys.to(compute_dtype)).sum(-1).unbind(-1))
+        columns.append(torch.stack(values, dim=-1))
+    return torch.stack(columns, dim=2).reshape(batch, heads, *spatial, -1)
 
 
 def unfused_av_oracle(attn, value, kernel_size, dilation=1, is_causal=False, additional_values=None,
                       compute_dtype=torch.float64):
-    """out [batch, heads, *spatial, head_dim]: hidden slots contribute nothing, extra values last."""
-    rank = value.dim() - 3
-    spatial = tuple(value.shape[2:2 + rank])
-    slots_key, _ = _window_slots(spatial, kernel_size, dilation, is_causal)
-    b, h, c = value.shape[0], value.shape[1], value.shape[-1]
-    window = slots_key.shape[1]
-    w = attn.reshape(b, h, -1, attn.shape[-1]).to(compute_dtype)
-    v = value.reshape(b, h, -1, c).to(compute_dtype)
-    weights = w[..., :window].masked_fill(slots_key[None, None] < 0, 0)
-    out = (weights[..., None] * v[:, :, slots_key.clamp(min=0)]).sum(-2)
-    if additional_values is not None:
-        out = out + torch.einsum("bhne,bhec->bhnc", w[..., window:], additional_values.to(compute_dtype))
-    return out.reshape(b, h, *spatial, c)
+    """[batch, heads, *spatial, head_dim]: the attn slots weighting their keys' values."""
+    batch, heads = value.shape[:2]
+    spatial = tuple(value.shape[2:-1])
+    v = value.reshape(batch, heads, -1, value.shape[-1]).to(compute_dtype)
+    a = attn.reshape(batch, heads, v.shape[2], -1).to(compute_dtype)
+    rows = []
+    for n, row in enumerate(_window_slots(spatial, kernel_size, dilation, is_causal)):
+        total = torch.zeros(batch, heads, v.shape[-1], dtype=compute_dtype)
+        for slot, (key_index, _) in enumerate(row):
+            if key_index is not None:
+                total = total + a[:, :, n, slot, None] * v[:, :, key_index]
+        if additional_values is not None:
+            total = total + (a[:, :, n, len(row):, None] * additional_values.to(compute_dtype)).sum(2)
+        rows.append(total)
+    return torch.stack(rows, dim=2).reshape(value.shape)

@@ -33,25 +33,25 @@ def test_fused_rpb(case):
 @requires_gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"r{c[0]}_{c[7]}")
 def test_unfused_qk_av_with_grads(case):
-    from natgen import unfused
+    from natgen import functional
     rank, spatial, kernel, dilation, causal, n_extra, _, dtype = case
     q, k, v, extra_k, extra_v, rpb = _inputs(case)
     dt = DTYPES[dtype]
     gpu = [t.cuda().requires_grad_(True) if t is not None else None for t in (q, k, extra_k, rpb)]
-    logits = unfused.qk(rank, gpu[0], gpu[1], kernel, dilation, gpu[2], causal, gpu[3])
-    ref = unfused_qk_oracle(q, k, kernel, dilation, causal, extra_k, rpb)
-    _close("logits", logits.detach().cpu(), ref, unfused_qk_oracle(q, k, kernel, dilation, causal, extra_k, rpb, dt).to(dt), dt)
+    logits = getattr(functional, f"na{rank}d_qk")(gpu[0], gpu[1], kernel, dilation, gpu[2], causal, gpu[3])
+    ref = unfused_qk_oracle(q, k, kernel, dilation, causal, rpb, extra_k)
+    _close("logits", logits.detach().cpu(), ref, unfused_qk_oracle(q, k, kernel, dilation, causal, rpb, extra_k, dt).to(dt), dt)
     attn = torch.softmax(logits.float(), -1).to(dt)
     gv = v.cuda().requires_grad_(True)
     gev = extra_v.cuda().requires_grad_(True) if extra_v is not None else None
-    out = unfused.av(rank, attn, gv, kernel, dilation, gev, causal)
+    out = getattr(functional, f"na{rank}d_av")(attn, gv, kernel, dilation, gev, causal)
     out.float().square().sum().backward()
     torch.cuda.synchronize()
 
     # the same chain through the float64 / input-dtype oracle
     def chain(compute):
         leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (q, k, extra_k, rpb, v, extra_v)]
-        lg = unfused_qk_oracle(*leaves[:2], kernel, dilation, causal, leaves[2], leaves[3], compute)
+        lg = unfused_qk_oracle(*leaves[:2], kernel, dilation, causal, leaves[3], leaves[2], compute)
         w = torch.softmax(lg, -1)
         o = unfused_av_oracle(w, leaves[4], kernel, dilation, causal, leaves[5], compute)
         o.square().sum().backward()

@@ -1,5 +1,5 @@
-"""The unfused (natten-style) ops on their generated CUDA kernels (families unqk, unav, uninv, unrpb), run
-through the CPU emulator against the float64 oracle (tests/oracle.py: unfused_qk_oracle / unfused_av_oracle,
+"""The unfused (natten-style) ops natgen.functional.na*d_qk / na*d_av on their generated CUDA kernels
+(families unqk, unav, uninv, unrpb, backend="emulator"), run through the CPU emulator against the float64 oracle (tests/oracle.py: unfused_qk_oracle / unfused_av_oracle,
 gradients by autograd through it), by the 2x-naive rule of docs/semantics.md. Every launch runs with
 racecheck over the tensors and initcheck; each case runs under the default and a shuffled schedule with
 bit-identical results (forward and backward)."""
@@ -53,10 +53,6 @@ def _close(name, got, ref, naive, dtype):
     check_by_rule(name, got.masked_fill(hidden, 0), ref.masked_fill(hidden, 0), naive.masked_fill(hidden, 0), dtype)
 
 
-def _gpu(t):
-    return t.cuda() if t is not None else None
-
-
 def _grads(fn, tensors, cotangent):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
     out = fn(*leaves)
@@ -68,17 +64,18 @@ def _grads(fn, tensors, cotangent):
 @requires_emulator
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"r{c[0]}_{c[7]}")
 def test_qk_forward_and_backward(case, schedules):
-    from natgen import unfused
+    from natgen import functional
     rank, spatial, kernel, dilation, causal, n_extra, with_rpb, dtype = case
     q, k, _, extra_k, _, rpb = _inputs(case)
     dt = DTYPES[dtype]
+    op = getattr(functional, f"na{rank}d_qk")
 
     def run(query, key, extra, bias):
-        return unfused.qk(rank, query, key, kernel, dilation, extra, causal, bias, backend="emulator")
+        return op(query, key, kernel, dilation, extra, causal, bias, backend="emulator")
 
     def oracle(compute):
-        return lambda query, key, extra, bias: unfused_qk_oracle(query, key, kernel, dilation, causal, extra, bias,
-                                                                 compute)
+        return lambda query, key, extra, bias: unfused_qk_oracle(query, key, kernel, dilation, causal, rpb=bias,
+                                                                 additional_keys=extra, compute_dtype=compute)
 
     logits = schedules(lambda: run(q, k, extra_k, rpb))
     _close("logits", logits, oracle(torch.float64)(q, k, extra_k, rpb), oracle(dt)(q, k, extra_k, rpb).to(dt), dt)
@@ -101,15 +98,16 @@ def test_qk_forward_and_backward(case, schedules):
 @requires_emulator
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"r{c[0]}_{c[7]}")
 def test_av_forward_and_backward(case, schedules):
-    from natgen import unfused
+    from natgen import functional
     rank, spatial, kernel, dilation, causal, n_extra, _, dtype = case
     q, k, v, extra_k, extra_v, _ = _inputs(case)
     dt = DTYPES[dtype]
+    op = getattr(functional, f"na{rank}d_av")
     # weights of the qk layout (a softmax of the oracle's logits: 0 at hidden slots)
-    attn = torch.softmax(unfused_qk_oracle(q, k, kernel, dilation, causal, extra_k), -1).to(dt)
+    attn = torch.softmax(unfused_qk_oracle(q, k, kernel, dilation, causal, additional_keys=extra_k), -1).to(dt)
 
     def run(weights, value, extra):
-        return unfused.av(rank, weights, value, kernel, dilation, extra, causal, backend="emulator")
+        return op(weights, value, kernel, dilation, extra, causal, backend="emulator")
 
     def oracle(compute):
         return lambda weights, value, extra: unfused_av_oracle(weights, value, kernel, dilation, causal, extra, compute)

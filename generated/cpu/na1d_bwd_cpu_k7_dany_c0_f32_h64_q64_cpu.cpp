@@ -14,6 +14,7 @@ struct Args {  // generated from codegen/abi.py (ABI "cpu"); the manifest record
     int64_t lse;
     int64_t extra_k;
     int64_t extra_v;
+    int64_t rpb;
     int64_t grad_out;
     int64_t grad_lse;
     int64_t grad_q;
@@ -21,6 +22,7 @@ struct Args {  // generated from codegen/abi.py (ABI "cpu"); the manifest record
     int64_t grad_v;
     int64_t grad_extra_k;
     int64_t grad_extra_v;
+    int64_t grad_rpb;
     int64_t batch;
     int64_t heads;
     int64_t heads_kv;
@@ -35,7 +37,7 @@ struct Args {  // generated from codegen/abi.py (ABI "cpu"); the manifest record
     int64_t causal[3];
     double scale;
 };
-constexpr int kArgFields = 37;  // every field is 8 bytes
+constexpr int kArgFields = 39;  // every field is 8 bytes
 }  // namespace natgen
 
 #include "natgen_cpu.h"

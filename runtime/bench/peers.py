@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -45,6 +45,7 @@ class Case:
     k: torch.Tensor
     v: torch.Tensor
     grad: torch.Tensor                # fixed cotangent, [B, *spatial, H, d]
+    rpb: Optional[torch.Tensor] = None  # [H, 2K-1, ...] where the set has a positional bias
 
     def heads_first(self):
         """(q, k, v, grad) as [B, H, N, d] contiguous copies (made outside the timed region)."""
@@ -60,7 +61,14 @@ def make_case(ps: ProblemSet, device, dtype, backward, seed=0) -> Case:
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (ps.batch, *ps.spatial, ps.heads, ps.head_dim)
     q, k, v, grad = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(4))
-    return Case(ps, device, dtype, backward, q, k, v, grad)
+    rpb = (torch.randn((ps.heads, *(2 * K - 1 for K in ps.kernel_size)), generator=gen, device=device, dtype=dtype)
+           if ps.rpb else None)
+    return Case(ps, device, dtype, backward, q, k, v, grad, rpb)
+
+
+def _no_rpb(case: Case, peer: str) -> None:
+    if case.rpb is not None:
+        raise PeerUnavailable(f"{peer} takes no relative positional bias")
 
 
 def first_line(exc: BaseException) -> str:
@@ -149,6 +157,8 @@ def _peer_natgen(case: Case, backend=None) -> Runner:
     import natgen
     ps = case.ps
     params = dict(kernel_size=ps.kernel_size, stride=ps.stride, dilation=ps.dilation, is_causal=ps.is_causal)
+    if case.rpb is not None:
+        params["rpb"] = case.rpb
     try:
         name, instance = natgen.choose(ps.rank, case.q, case.k, case.v, backend=backend, **params)
     except (RuntimeError, ValueError) as exc:
@@ -159,11 +169,30 @@ def _peer_natgen(case: Case, backend=None) -> Runner:
                                                                op="backward", **params)[0] == "reference":
         implementation += " + reference backward"
     op = _natgen_op(ps.rank)
+    params.pop("rpb", None)
+    inputs = (case.q, case.k, case.v) + ((case.rpb,) if case.rpb is not None else ())
 
-    def fn(q, k, v):
-        return op(q, k, v, backend=backend, **params)
-    return Runner(_timed_call(fn, case, (case.q, case.k, case.v), case.grad), implementation,
-                  compiles=instance is not None)
+    def fn(q, k, v, rpb=None):
+        return op(q, k, v, backend=backend, rpb=rpb, **params)
+    return Runner(_timed_call(fn, case, inputs, case.grad), implementation, compiles=instance is not None)
+
+
+def _peer_unfused(case: Case) -> Runner:
+    """natgen.functional's composition, as natten <= 0.17 models call it: softmax(qk(q * scale, k, rpb)) then
+    av, heads-first (logits materialized)."""
+    import natgen.functional as functional
+    ps = case.ps
+    if any(s != 1 for s in ps.stride):
+        raise PeerUnavailable("the unfused ops take no stride")
+    qk, av = getattr(functional, f"na{ps.rank}d_qk"), getattr(functional, f"na{ps.rank}d_av")
+    q, k, v, grad = (t.movedim(-2, 1).contiguous() for t in (case.q, case.k, case.v, case.grad))
+    scale = ps.head_dim ** -0.5
+    inputs = (q, k, v) + ((case.rpb,) if case.rpb is not None else ())
+
+    def fn(q, k, v, rpb=None):
+        logits = qk(q * scale, k, ps.kernel_size, ps.dilation, is_causal=ps.is_causal, rpb=rpb)
+        return av(torch.softmax(logits, dim=-1), v, ps.kernel_size, ps.dilation, is_causal=ps.is_causal)
+    return Runner(_timed_call(fn, case, inputs, grad), "natgen.functional qk + softmax + av (torch)")
 
 
 def _peer_reference(case: Case) -> Runner:
@@ -171,6 +200,7 @@ def _peer_reference(case: Case) -> Runner:
 
 
 def _peer_flex(case: Case) -> Runner:
+    _no_rpb(case, "flex")
     try:
         from torch.nn.attention import flex_attention as _  # noqa: F401
     except ImportError:
@@ -200,6 +230,7 @@ def _peer_flex(case: Case) -> Runner:
 
 
 def _peer_natten(case: Case) -> Runner:
+    _no_rpb(case, "natten")
     try:
         import natten
     except ImportError:
@@ -227,6 +258,7 @@ def _peer_natten(case: Case) -> Runner:
 
 
 def _peer_sdpa(case: Case) -> Runner:
+    _no_rpb(case, "sdpa")
     q, k, v, grad = case.heads_first()
     scale = case.ps.head_dim ** -0.5
 
@@ -236,7 +268,7 @@ def _peer_sdpa(case: Case) -> Runner:
 
 
 PEER_FACTORIES: Dict[str, Callable[[Case], Runner]] = {
-    "natgen": _peer_natgen, "reference": _peer_reference, "flex": _peer_flex, "natten": _peer_natten,
-    "sdpa": _peer_sdpa,
+    "natgen": _peer_natgen, "reference": _peer_reference, "unfused": _peer_unfused, "flex": _peer_flex,
+    "natten": _peer_natten, "sdpa": _peer_sdpa,
 }
 PEERS = tuple(PEER_FACTORIES)

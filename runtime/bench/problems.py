@@ -30,6 +30,7 @@ class ProblemSet:
     stride: Tuple[int, ...] = ()
     is_causal: Tuple[bool, ...] = ()
     shrunk_from: Optional[int] = None     # the set's own batch when --batch shrank it
+    rpb: bool = False                     # a relative positional bias [heads, 2K-1, ...] (DiNAT / NAT layers)
 
     def __post_init__(self):
         def per_dim(value, default):
@@ -67,6 +68,8 @@ class ProblemSet:
             extra += f", stride {dims(self.stride)}"
         if any(self.is_causal):
             extra += f", causal {dims(int(c) for c in self.is_causal)}"
+        if self.rpb:
+            extra += ", with rpb"
         return (f"na{self.rank}d, {batch}, heads {self.heads}, spatial {dims(self.spatial)}, head_dim "
                 f"{self.head_dim}, kernel {dims(self.kernel_size)}, dilation {dims(self.dilation)}{extra}")
 
@@ -86,6 +89,10 @@ SETS: Dict[str, ProblemSet] = {s.name: s for s in [
     _set("video-3d", 3, 1, 24, (30, 48, 80), 128, (18, 24, 24), 1),
     _set("cpu-2d", 2, 1, 4, (32, 32), 32, 7, 1),
     _set("cpu-1d", 1, 4, 4, (1024,), 64, 31, 2),
+    # DiNAT layers with their relative positional bias: the GPU-sized dinat-2d, and one of DiNAT-mini's
+    # second-stage layers at 224 px (28 x 28 tokens, 4 heads of 32, K=7, dilation 4) for the CPU
+    ProblemSet("dinat-2d-rpb", 2, 128, 16, (28, 28), 32, 7, 4, rpb=True),
+    ProblemSet("cpu-dinat-rpb", 2, 2, 4, (28, 28), 32, 7, 4, rpb=True),
 ]}
 DEFAULT_SETS = {"cpu": ("cpu-2d", "cpu-1d"),
                 "cuda": ("nat-1d", "nat-2d", "dinat-2d", "nat-3d", "long-1d", "image-2d", "video-3d")}

@@ -17,7 +17,7 @@ from .problems import ProblemSet, measured_flops
 # Rough sustained rates used ONLY to skip a peer on the CPU before starting a call that would take
 # absurdly long (more than SKIP_FACTOR budgets and a minute); never used for any reported figure. Dense SDPA is
 # charged its dense FLOPs (4 * B * H * N^2 * d), the others the neighborhood's.
-ASSUMED_CPU_GFLOPS = {"natgen": 50.0, "reference": 20.0, "flex": 50.0, "natten": 20.0, "sdpa": 200.0}
+ASSUMED_CPU_GFLOPS = {"natgen": 50.0, "reference": 20.0, "unfused": 10.0, "flex": 50.0, "natten": 20.0, "sdpa": 200.0}
 SKIP_FACTOR = 30
 # A round times this long a block of back-to-back calls (at least one) and keeps the mean: a lone sub-ms call
 # measures the wake-up of an idle thread pool and cold caches as much as the op (on 2 cores: natgen's cpu-2d
