@@ -24,3 +24,35 @@ CORE = core_cases()
 @pytest.mark.parametrize("case", CORE, ids=[c.id for c in CORE])
 def test_fused_rpb(case, schedules):
     schedules(lambda: run_case(case, "emulator"))
+
+
+# the public op on backend="emulator": the selector's instance (it must add the bias) forward, and the
+# gradients, d rpb included, from the reference's explicit backward (no CUDA backward kernel takes rpb)
+PUBLIC = [
+    (2, (7, 6), (3, 4), (1, 2), (2, 1), (True, False), "float32", "_simt_"),
+    (1, (40,), 6, 2, 2, (False,), "float16", "_"),
+    (3, (4, 5, 6), 3, 1, (1, 1, 2), (False, False, True), "bfloat16", "_"),
+]
+
+
+@requires_emulator
+@pytest.mark.parametrize("case", PUBLIC, ids=lambda c: f"r{c[0]}_{c[6]}")
+def test_public_op_with_rpb_forward_and_gradients(case, schedules):
+    import torch
+
+    import natgen
+    from oracle import assert_close_by_rule, assert_grads_close_by_rule
+    rank, spatial, kernel, stride, dilation, causal, dtype, family = case
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(rank * 101)
+    q, k, v = (torch.randn(2, *spatial, 2, 32, generator=gen).to(dt) for _ in range(3))
+    ks = kernel if isinstance(kernel, tuple) else (kernel,) * rank
+    rpb = (2 * torch.randn(2, *(2 * K - 1 for K in ks), generator=gen)).to(dt)
+    params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
+    op = getattr(natgen, f"na{rank}d")
+    backend, name = natgen.choose(rank, q, k, v, backend="emulator", rpb=rpb, **params)
+    assert backend == "emulator" and name is not None and family in name, name
+    out, lse = schedules(lambda: op(q, k, v, backend="emulator", rpb=rpb, return_lse=True, **params))
+    assert_close_by_rule(out, q, k, v, lse=lse, rpb=rpb, **params)
+    assert natgen.choose(rank, q, k, v, backend="emulator", rpb=rpb, op="backward", **params)[0] == "reference"
+    assert_grads_close_by_rule(lambda **t: op(**t, backend="emulator", **params), q, k, v, rpb=rpb, **params)
