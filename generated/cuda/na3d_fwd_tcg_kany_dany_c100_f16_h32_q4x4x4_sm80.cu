@@ -37,7 +37,7 @@ __device__ __forceinline__ void na_window(int i, int len, int kernel, int stride
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(128, 4) na3d_fwd_tcg_kany_dany_c100_f16_h32_q4x4x4_sm80(
+extern "C" __global__ void __launch_bounds__(128, 3) na3d_fwd_tcg_kany_dany_c100_f16_h32_q4x4x4_sm80(
     const half* __restrict__ q,
     const half* __restrict__ k,
     const half* __restrict__ v,
