@@ -153,3 +153,43 @@ def test_bench_rpb_peers_compute_the_same_attention():
             assert torch.allclose(fused, unfused.movedim(1, -2), atol=1e-12)
     with pytest.raises(PeerUnavailable, match="takes no relative positional bias"):
         PEER_FACTORIES["sdpa"](case)
+
+
+# (spatial, kernel_size, stride, dilation, is_causal, head_dim): the specialized K=7 head_dim 32 instance (whose
+# fixed-layout path a bias turns off), and K=any instances over ranks, masks, strides and dilation groups
+CPU_CASES = [
+    ((16, 16), 7, 1, 2, False, 32),
+    ((9, 10), (3, 4), (1, 2), (2, 1), (True, False), 8),
+    ((13,), 5, 1, 2, False, 16),
+    ((20,), 6, 3, 1, True, 8),
+    ((5, 6, 7), (2, 3, 3), 1, (1, 1, 2), (False, True, False), 8),
+]
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("case", CPU_CASES, ids=str)
+def test_cpu_forward_with_rpb_matches_oracle(case):
+    from natgen import cpu
+    if not cpu.available():
+        pytest.skip("no C++ compiler for the cpu backend")
+    spatial, kernel_size, stride, dilation, is_causal, head_dim = case
+    rank = len(spatial)
+    params = dict(kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal)
+    for dtype in (torch.float32, torch.bfloat16) if head_dim == 32 else (torch.float32,):
+        q, k, v, rpb = _inputs(spatial, kernel_size, dtype, heads=2, head_dim=head_dim, seed=rank)
+        backend, instance = natgen.choose(rank, q, k, v, **params, rpb=rpb)
+        assert backend == "cpu" and instance is not None
+        assert natgen.choose(rank, q, k, v, **params, rpb=rpb, op="backward") == ("reference", None)
+        out, lse = OP[rank](q, k, v, **params, rpb=rpb, return_lse=True, backend="cpu")
+        assert_close_by_rule(out, q, k, v, lse, **params, rpb=rpb)
+
+
+@pytest.mark.cpu
+def test_cpu_with_rpb_gradients_match_oracle():
+    """The CPU forward with a bias, its gradients (rpb's included) through the reference's backward."""
+    from natgen import cpu
+    if not cpu.available():
+        pytest.skip("no C++ compiler for the cpu backend")
+    q, k, v, rpb = _inputs((9, 10), (3, 4), torch.float32, heads=2, head_dim=8, seed=5)
+    params = dict(kernel_size=(3, 4), stride=(1, 2), dilation=(2, 1), is_causal=(True, False))
+    assert_grads_close_by_rule(lambda **t: natgen.na2d(**t, **params, backend="cpu"), q, k, v, **params, rpb=rpb)
