@@ -223,6 +223,7 @@ template <typename T> struct Scratch {
     std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
     std::vector<T> zeros, sink;
     std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
+    std::vector<T> rpb_grads;    // backward: this unit's bias grads [query heads of its kv head][entries]
     FwdScratch<T> fwd;
     void reserve(const Plan& p, bool backward) {
         constexpr int V = VecTraits<T>::width;

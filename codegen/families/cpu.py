@@ -72,9 +72,9 @@ def launch(spec: KernelSpec) -> dict:
         "computed_keys_per_useful_key": 1.0,
         # key/value rows index the query head's kv head; the backward sums a kv head's grads over its query heads
         "grouped_kv_heads": True,
-        # the forward adds a relative positional bias (on its per-query path; the backward does not yet, so
-        # gradients of a biased call take the reference's)
-        "rpb": spec.op == "fwd",
+        # a relative positional bias: added on the forward's per-query path and the backward's lane-group path
+        # (the fixed-layout paths do not take one), its grads summed per work unit, reduced in unit order
+        "rpb": True,
     }
 
 
