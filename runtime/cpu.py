@@ -173,15 +173,17 @@ class CpuCall(Resolved):
         # the saved lse is float32: exact for f32 compute; f64 recomputes the normalizer in the kernel
         saved_lse = _prepare(lse, dtype) if dtype == torch.float32 else None
         # torch.empty, not zeros: each kernel work unit zeroes the key grads it owns, saving a separate pass
+        rpb_ = _prepare(rpb, dtype)
         grads = {name: torch.empty_like(t) if t is not None else None
                  for name, t in (("grad_q", q_), ("grad_k", k_), ("grad_v", v_), ("grad_extra_k", ek_),
-                                 ("grad_extra_v", ev_))}
+                                 ("grad_extra_v", ev_), ("grad_rpb", rpb_))}
         address = self.blocks.pack(dict(q=q_, k=k_, v=v_, extra_k=ek_, extra_v=ev_, out=out_, grad_out=do_,
-                                        grad_lse=grad_lse_, lse=saved_lse, **grads), torch.get_num_threads())
+                                        grad_lse=grad_lse_, lse=saved_lse, rpb=rpb_, **grads),
+                                   torch.get_num_threads())
         self._backward_module.run(address, self.blocks.count)
-        originals = (q, k, v, extra_k, extra_v)
+        originals = (q, k, v, extra_k, extra_v, rpb)
         return tuple(None if grad is None else grad if grad.dtype == original.dtype else grad.to(original.dtype)
-                     for grad, original in zip(grads.values(), originals)) + (None,)
+                     for grad, original in zip(grads.values(), originals))
 
 
 def resolve(problem: Problem, arch: Optional[str] = None) -> CpuCall:

@@ -48,6 +48,7 @@
 #include "natgen_cpu_simd.h"
 #include "natgen_cpu_plan.h"
 #include "natgen_cpu_lanes.h"
+#include "natgen_cpu_rpb.h"
 #include "natgen_cpu_fwd.h"
 #include "natgen_cpu_bwd.h"
 #include "natgen_cpu_driver.h"

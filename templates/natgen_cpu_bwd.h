@@ -300,7 +300,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         if constexpr (Fixed<Cfg>::on) {
             typedef Fixed<Cfg> F;
             typedef Fixed<Cfg, F::NC_BORDER> FB;
-            if (lg.rows == F::K0 * F::K1 && p.n_extra == 0 && p.hd == Cfg::HD && p.hdv == Cfg::HD && NATGEN_FIXED_ISA()) {
+            if (lg.rows == F::K0 * F::K1 && p.n_extra == 0 && !a.rpb && p.hd == Cfg::HD && p.hdv == Cfg::HD && NATGEN_FIXED_ISA()) {
                 if (lg.uniform && lg.lanes == V && lg.cols == F::NC && g.rs == F::RS) {
                     fixed_group<Cfg, F::NC>(p, lg, s);
                     continue;
@@ -337,6 +337,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
                 lane_dot<T, Cfg::HD>(xs[pass], bufs[pass], g.rs, s.row_off.data(), lg.rows, lg.cols, ebufs[pass],
                                      p.n_extra, dims[pass], outs[pass]);
         }
+        if (a.rpb) add_bias_cells<Cfg>(p, tq, lg, l0, l1, l2, s.sc.data());
         T* pr = s.pr.data();
         const int64_t nvec = lg.rows * lg.cols + p.n_extra;
         // P from the saved log-sum-exp; without one (fp64 compute) from the recomputed scores, renormalized
@@ -360,6 +361,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
             for (int j = 0; j < lg.lanes; ++j) di[j] -= grad_lse[lg.qrow[j]];
         T* ds = s.dp.data();
         for (int64_t i = 0; i < nvec; ++i) store<T>(ds + i * V, load<T>(pr + i * V) * (load<T>(ds + i * V) - di));
+        if (a.grad_rpb) accumulate_bias_grads<Cfg>(p, tq, lg, l0, l1, l2, ds, s.rpb_grads.data());
         lane_acc<T>(ds, s.kt.data(), g.rs, s.row_off.data(), lg.rows, lg.cols, s.ekt.data(), p.n_extra, p.hd,
                     s.ot.data());
         scale_lanes<T>(s.ot.data(), p.hd, scale);

@@ -110,6 +110,8 @@ template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn
     const int64_t units = a.batch * a.heads_kv * groups;
     const int64_t extra_row = p.hd + p.hdv;
     std::vector<T> extra(p.n_extra ? units * p.n_extra * extra_row : 0, T(0));
+    const int64_t bias_block = a.grad_rpb ? a.heads / a.heads_kv * rpb_entries(p) : 0;
+    std::vector<T> bias(units * bias_block, T(0));
     const int64_t workers = std::max<int64_t>(1, std::min(a.threads, units));
     std::vector<Scratch<T>> scratch(workers);
     std::vector<char> ready(workers, 0);
@@ -117,10 +119,13 @@ template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn
         Scratch<T>& s = scratch[worker];
         if (!ready[worker]) { s.reserve(p, true); ready[worker] = 1; }
         s.extra_grads.assign(p.n_extra * extra_row, T(0));
+        s.rpb_grads.assign(bias_block, T(0));
         fn(p, unit, s);
         if (p.n_extra)
             std::copy(s.extra_grads.begin(), s.extra_grads.end(), extra.begin() + unit * p.n_extra * extra_row);
+        if (bias_block) std::copy(s.rpb_grads.begin(), s.rpb_grads.end(), bias.begin() + unit * bias_block);
     });
+    if (bias_block) reduce_bias_grads<T>(p, bias, units, groups);
     if (!p.n_extra) return;
     T* dek = reinterpret_cast<T*>(a.grad_extra_k);
     T* dev = reinterpret_cast<T*>(a.grad_extra_v);

@@ -599,6 +599,7 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
         const int nseg = query_segments<Cfg>(p, t, g, local, s.bases.data(), s.valid.data());
         dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, q + row * p.hd, p.hd,
                                  s.scores.data());
+        if (a.rpb) add_bias_segments<Cfg>(p, t, local, T(1) / scale, s.scores.data());
         T m, l;
         softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
         weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,

@@ -167,7 +167,7 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     p.max_segments = p.K[0] * p.K[1] * p.chunks + p.extra_padded / V;
     typedef FixedFwd<Cfg> F;
     // strided problems can have wider key unions than TILE + K - 1 (tiles that split a stride group)
-    p.fixed = F::enabled && p.n_extra == 0 && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
+    p.fixed = F::enabled && p.n_extra == 0 && !a.rpb && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
               p.fwd_union[1] <= F::ROWS1 && p.fwd_union[2] + F::CH * V - F::K2 <= F::ROWLEN;
     p.fixed_keys = p.fixed ? F::KEYS : 0;
     return p;
@@ -223,6 +223,7 @@ template <typename T> struct Scratch {
     std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
     std::vector<T> zeros, sink;
     std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
+    std::vector<T> rpb_grads;    // backward: this unit's bias grads [query heads of its kv head][entries]
     FwdScratch<T> fwd;
     void reserve(const Plan& p, bool backward) {
         constexpr int V = VecTraits<T>::width;

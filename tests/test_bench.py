@@ -92,7 +92,8 @@ def test_flop_and_byte_formulas():
 
 def test_standard_sets_match_benchmarks_md():
     assert list(bench.SETS) == ["nat-1d", "nat-2d", "dinat-2d", "nat-3d", "long-1d", "image-2d", "video-3d",
-                                "cpu-2d", "cpu-1d"]
+                                "cpu-2d", "cpu-1d", "dinat-2d-rpb", "cpu-dinat-rpb"]
+    assert bench.SETS["cpu-dinat-rpb"].rpb and not bench.SETS["dinat-2d"].rpb
     cpu_1d = bench.SETS["cpu-1d"]
     assert (cpu_1d.batch, cpu_1d.heads, cpu_1d.spatial, cpu_1d.head_dim, cpu_1d.kernel_size, cpu_1d.dilation) == \
         (4, 4, (1024,), 64, (31,), (2,))

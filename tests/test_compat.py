@@ -72,7 +72,7 @@ def _run(model, shape):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_transformers_models_run_on_natgen(natten_shim, monkeypatch, fused):
-    patched = compat.patch_transformers(fused=fused)  # the best available backend: with rpb, the reference
+    patched = compat.patch_transformers(fused=fused)  # the best available backend (cpu forward with rpb)
     try:
         assert "transformers.models.dinat.modeling_dinat" in patched
         for name, (model, shape) in _models().items():

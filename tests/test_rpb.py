@@ -153,3 +153,62 @@ def test_bench_rpb_peers_compute_the_same_attention():
             assert torch.allclose(fused, unfused.movedim(1, -2), atol=1e-12)
     with pytest.raises(PeerUnavailable, match="takes no relative positional bias"):
         PEER_FACTORIES["sdpa"](case)
+
+
+# (spatial, kernel_size, stride, dilation, is_causal, head_dim): the specialized K=7 head_dim 32 instances (whose
+# fixed-layout paths a bias turns off), and K=any instances over ranks, both masks, strides and dilation groups
+# (all-causal or non-causal only: the instances the CPU tests compile anyway)
+CPU_CASES = [
+    ((16, 16), 7, 1, 2, False, 32),
+    ((9, 10), (3, 4), (1, 2), (2, 1), False, 8),
+    ((20,), 6, 3, 1, True, 8),
+    ((5, 6, 7), (2, 3, 3), 1, (1, 1, 2), False, 8),
+]
+
+
+def _cpu_or_skip():
+    from natgen import cpu
+    if not cpu.available():
+        pytest.skip("no C++ compiler for the cpu backend")
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("case", CPU_CASES, ids=str)
+def test_cpu_with_rpb_matches_oracle(case):
+    """The generated CPU forward and backward with a bias: out, lse and every gradient (rpb's included)."""
+    _cpu_or_skip()
+    spatial, kernel_size, stride, dilation, is_causal, head_dim = case
+    rank = len(spatial)
+    params = dict(kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal)
+    q, k, v, rpb = _inputs(spatial, kernel_size, torch.float32, heads=2, head_dim=head_dim, seed=rank)
+    for op in ("forward", "backward"):
+        backend, instance = natgen.choose(rank, q, k, v, **params, rpb=rpb, op=op)
+        assert backend == "cpu" and instance is not None, op
+    out, lse = OP[rank](q, k, v, **params, rpb=rpb, return_lse=True, backend="cpu")
+    assert_close_by_rule(out, q, k, v, lse, **params, rpb=rpb)
+    assert_grads_close_by_rule(lambda **t: OP[rank](**t, **params, backend="cpu"), q, k, v, **params, rpb=rpb)
+
+
+@pytest.mark.cpu
+def test_cpu_rpb_grads_with_grouped_heads_are_deterministic():
+    """Bias grads sum every work unit's share in unit order: the same bits for 1 and 2 threads, and with
+    grouped key/value heads each query head's table gets its own grads."""
+    _cpu_or_skip()
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 12, 12, 4, 8, generator=generator)
+    k, v = (torch.randn(2, 12, 12, 2, 8, generator=generator) for _ in range(2))
+    rpb = torch.randn(4, 5, 5, generator=generator)
+    params = dict(kernel_size=3, dilation=(2, 3))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v, rpb)]
+            out = natgen.na2d(*leaves[:3], **params, rpb=leaves[3], backend="cpu")
+            results.append(torch.autograd.grad(out.square().sum(), leaves))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert_grads_close_by_rule(lambda **t: natgen.na2d(**t, **params, backend="cpu"), q, k, v, **params, rpb=rpb)

@@ -20,7 +20,7 @@ TEMPLATE = "cpu_na.cpp.j2"
 TOOLCHAIN = "cxx"
 SOURCE_SUFFIX = ".cpp"
 HEADERS = ("natgen_cpu.h", "natgen_cpu_target.h", "natgen_cpu_simd.h", "natgen_cpu_plan.h", "natgen_cpu_lanes.h",
-           "natgen_cpu_fwd.h", "natgen_cpu_bwd.h", "natgen_cpu_driver.h")
+           "natgen_cpu_rpb.h", "natgen_cpu_fwd.h", "natgen_cpu_bwd.h", "natgen_cpu_driver.h")
 ABI = "cpu"
 # the selector's inputs (natgen.cost): one CPU family, so only the specialization factor ranks instances
 COST = {"base": 1.0, "saturating_warps": 1, "waste": "exact"}
@@ -72,6 +72,9 @@ def launch(spec: KernelSpec) -> dict:
         "computed_keys_per_useful_key": 1.0,
         # key/value rows index the query head's kv head; the backward sums a kv head's grads over its query heads
         "grouped_kv_heads": True,
+        # a relative positional bias: added on the forward's per-query path and the backward's lane-group path
+        # (the fixed-layout paths do not take one), its grads summed per work unit, reduced in unit order
+        "rpb": True,
     }
 
 
