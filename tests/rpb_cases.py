@@ -17,9 +17,10 @@ from tc_cases import Case, case, params
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def core_cases():
+def core_cases(wide: bool = True):
     """Every CUDA forward family x rank, the dtypes each takes, borders, dilation groups, stride, causal
-    masks, even K and extra tokens (which get no bias)."""
+    masks, even K and extra tokens (which get no bias). wide=False keeps one dtype per family x rank (each
+    case compiles its own instance in the emulator; the gpu tier and NATGEN_EMU_WIDE=1 run them all)."""
     cases = []
     for dtype in ("f32", "f16", "bf16"):
         cases += [  # the generic SIMT instances (runtime K and D)
@@ -49,6 +50,13 @@ def core_cases():
         case("tcs", (18, 7), 5, stride=(2, 1), dtype="f16", head_dim=128),   # chunked body (no one-pass fit)
         case("tcg", (100,), 80, dtype="bf16"),                               # two key tiles: online merge
     ]
+    if not wide:
+        # one dtype per family x rank, rotating so that every dtype of a family is still met
+        rotation = {"simt": ("f16", "bf16", "f32"), "tcg": ("bf16", "f16", "f16"), "tcs": ("f16", "bf16", "f16")}
+        generic = [c for c in cases if c.family in rotation and c.head_dim == 32 and c.kernel_size != (80,)
+                   and not (c.family == "simt" and c.kernel_size in ((5,), (3, 3)))]
+        kept = [c for c in generic if c.dtype == rotation[c.family][c.rank - 1]]
+        cases = kept + [c for c in cases if c not in generic]
     return cases
 
 

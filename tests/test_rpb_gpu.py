@@ -5,7 +5,7 @@ import torch
 
 from oracle import check_by_rule, unfused_av_oracle, unfused_qk_oracle
 from rpb_cases import core_cases, run_case
-from test_unfused_emulated import CASES, DTYPES, _close, _inputs
+from test_unfused_emulated import ALL_CASES as CASES, DTYPES, _close, _inputs
 
 pytestmark = pytest.mark.gpu
 
