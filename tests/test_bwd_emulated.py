@@ -135,6 +135,9 @@ def test_backward_choice_is_named_and_explained():
                                        "--dtype", "fp32", "--backward"])
     assert result.exit_code == 0, result.output
     assert "chosen:  na2d_bwd_simtbwd_kany_dany_c00_f32_h32_q2x2_sm80" in result.output
+    causal_line = next(line for line in result.output.splitlines()
+                       if line.startswith("na2d_bwd_simtbwd_kany_dany_c11_f32_h32_q2x2_sm80"))
+    assert "not a backward partner of" in causal_line and "causal mask" in causal_line
 
 
 def test_backward_without_partner_warns_and_falls_back(monkeypatch, tmp_path):
