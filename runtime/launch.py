@@ -137,7 +137,8 @@ class BackwardCall:
         self.instance, self.problem = instance, problem
         entries = instance.launch.get("entries")
         if not entries:
-            raise RuntimeError(f"{instance.name}: a backward entry without launch entry points (re-run `python build.py`)")
+            raise RuntimeError(f"{instance.name}: a backward entry without launch entry points "
+                               "(re-run `python build.py`)")
         self.launches = []
         for entry in entries:
             if entry.get("needs_extra") and not problem.n_extra:

@@ -7,6 +7,7 @@ bit-identical gradients (the schedules fixture: the backward is deterministic, n
 backward is replaced by a function that raises, so a case passes only if the emulated kernels computed
 every gradient.
 """
+import itertools
 import os
 import random
 import warnings
@@ -118,6 +119,25 @@ SAMPLES = int(os.environ.get("NATGEN_EMULATED_BWD_SAMPLES", "16" if emulator_wid
 
 @pytest.mark.parametrize("case", list(random_cases(SAMPLES, 4321, free=emulator_wide())), ids=_case_id)
 def test_emulated_backward_random_sample(case, schedules, no_reference_backward):
+    check_case(case, schedules)
+
+
+def cross_product_cases():
+    """Every rank x dtype x causal variant (none, all, mixed), on small problems with stride, dilation, extra
+    tokens and GQA: the whole default set of backward masks and dtypes (27 instances, ~10 s of cold emulator
+    build each), so it runs with NATGEN_EMU_WIDE=1 only; the core set covers every rank x dtype."""
+    shapes = {1: ((12,), 4, 2, 2), 2: ((7, 6), (3, 2), (2, 1), (1, 2)), 3: ((4, 5, 4), (2, 3, 2), 1, (1, 1, 2))}
+    for rank, dtype in itertools.product((1, 2, 3), DTYPES):
+        spatial, kernel, stride, dilation = shapes[rank]
+        masks = [(False,) * rank, (True,) * rank] + ([(True,) + (False,) * (rank - 1)] if rank > 1 else [])
+        for causal in masks:
+            yield (rank, spatial, kernel, stride, dilation, causal, 1, 2, 1, 32, dtype, any(causal))
+
+
+@pytest.mark.skipif(not emulator_wide(), reason="NATGEN_EMU_WIDE=1 runs the whole rank x dtype x mask product")
+@pytest.mark.parametrize("case", list(cross_product_cases()),
+                         ids=lambda c: f"{_case_id(c)}_c{''.join('01'[x] for x in c[5])}")
+def test_emulated_backward_every_mask_and_dtype(case, schedules, no_reference_backward):
     check_case(case, schedules)
 
 
