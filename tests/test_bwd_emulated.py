@@ -166,6 +166,10 @@ def test_backward_without_partner_warns_and_falls_back(monkeypatch, tmp_path):
     from natgen.codegen import library
     from natgen.manifest import reload
     from natgen.spec import KernelSpec
+    from natgen import paths
+    emulator_cache = paths.cache_dir() / "emulator"
+    emulator_cache.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "emulator").symlink_to(emulator_cache)  # the extra library is private, the compiled modules not
     monkeypatch.setenv("NATGEN_CACHE_DIR", str(tmp_path))
     for variable in ("NATGEN_EMU_RACECHECK", "NATGEN_EMU_INITCHECK"):  # the warning is the point: one plain build
         monkeypatch.delenv(variable, raising=False)
