@@ -65,6 +65,22 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         Field("length", "i32", axes=True), Field("kernel", "i32", axes=True), Field("dilation", "i32", axes=True),
         Field("causal", "i32", axes=True, fill=0),
     ),
+    # CUDA backward: every entry point of a backward instance (preprocess, dk/dv, extra-token dk/dv, dq) takes
+    # this one list, so one packed argument template serves them all. `delta` (rowsum(dO * O) - dLSE, float32,
+    # one per query row) is written by the preprocess entry and read by the others.
+    "cuda_bwd": (
+        _ptr("q"), _ptr("k"), _ptr("v"), _ptr("out"),
+        _ptr("lse", element="f32", doc="the forward's natural-log LSE, float32"),
+        _ptr("grad_out"), _ptr("grad_lse", element="f32", doc="the LSE cotangent (zeros when there is none)"),
+        _ptr("delta", element="f32", const=False, doc="rowsum(grad_out * out) - grad_lse, float32 scratch"),
+        _ptr("extra_k"), _ptr("extra_v"),
+        _ptr("grad_q", const=False), _ptr("grad_k", const=False), _ptr("grad_v", const=False),
+        _ptr("grad_extra_k", const=False), _ptr("grad_extra_v", const=False),
+        Field("n_extra", "i32"), Field("heads", "i32"), Field("heads_kv", "i32"),
+        Field("length", "i32", axes=True), Field("kernel", "i32", axes=True),
+        Field("stride", "i32", axes=True), Field("dilation", "i32", axes=True),
+        Field("scale", "f32"), Field("scale_log2", "f32"),
+    ),
     # CPU forward and backward share one block of 8-byte fields (addresses as int64), passed by address.
     "cpu": (
         _ptr("q", "compute"), _ptr("k", "compute"), _ptr("v", "compute"),
@@ -140,19 +156,22 @@ def cpp_struct(abi: str) -> str:
 def cuda_fwd_prologue(rank: int, ctype: str) -> str:
     """Locals that give the forward templates their own axis numbering (real axes first, then the trailing
     padding as constants 1) on top of the ABI's front-padded parameters."""
-    lines = [f"{ctype}* __restrict__ const o = out;"]
-    for local, field in (("len", "length"), ("kernel_arg", "kernel"), ("stride_arg", "stride"),
-                         ("dilation_arg", "dilation")):
-        terms = [f"{local}{axis} = {real_axis_field(field, rank, axis)}" for axis in range(AXES)]
-        lines.append(f"const int {', '.join(terms)};")
-    return "\n    ".join(lines)
+    return "\n    ".join([f"{ctype}* __restrict__ const o = out;", cuda_axis_prologue(rank)])
 
 
-def cuda_axis_prologue(rank: int, fields=(("len", "length", "1"), ("kernel_arg", "kernel", "1"),
-                                           ("dilation_arg", "dilation", "1"), ("causal_arg", "causal", "0"))) -> str:
-    """Locals in a template's own axis numbering (real axes first, then constants) for per-axis ABI fields."""
+# (local name, ABI field, fill of the trailing padding axes)
+AXIS_LOCALS = (("len", "length", "1"), ("kernel_arg", "kernel", "1"), ("stride_arg", "stride", "1"),
+               ("dilation_arg", "dilation", "1"))
+# the unfused families: stride is 1, the causal mask a runtime flag per axis
+UNFUSED_AXIS_LOCALS = (("len", "length", "1"), ("kernel_arg", "kernel", "1"), ("dilation_arg", "dilation", "1"),
+                       ("causal_arg", "causal", "0"))
+
+
+def cuda_axis_prologue(rank: int, locals_=AXIS_LOCALS) -> str:
+    """Per-axis locals in a template's own axis numbering (real axes first, then the padding as constants),
+    numbered as in cuda_fwd_prologue."""
     lines = []
-    for local, field, fill in fields:
+    for local, field, fill in locals_:
         terms = [f"{local}{axis} = {real_axis_field(field, rank, axis, fill)}" for axis in range(AXES)]
         lines.append(f"const int {', '.join(terms)};")
     return "\n    ".join(lines)

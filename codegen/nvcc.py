@@ -44,9 +44,20 @@ _USED_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
 def parse_ptxas(text: str) -> dict:
-    """Figures of the (single) entry function in `ptxas -v` output."""
-    figures = {"registers": None, "smem_bytes": 0, "stack_bytes": 0, "spill_stores": 0, "spill_loads": 0}
+    """Figures of the entry functions in `ptxas -v` output. One entry: its figures. Several (a backward
+    instance's entry points): the largest registers, shared memory and stack of any, the spills summed, and
+    each function's own figures under "entries" (by symbol)."""
+    per_function, current = {}, None
+
+    def blank():
+        return {"registers": None, "smem_bytes": 0, "stack_bytes": 0, "spill_stores": 0, "spill_loads": 0}
+
     for line in text.splitlines():
+        function = _FUNCTION_RE.search(line)
+        if function:
+            current = per_function.setdefault(function.group(1), blank())
+            continue
+        figures = current if current is not None else per_function.setdefault("", blank())
         props = _PROPS_RE.search(line)
         if props:
             figures["stack_bytes"], figures["spill_stores"], figures["spill_loads"] = map(int, props.groups())
@@ -54,9 +65,17 @@ def parse_ptxas(text: str) -> dict:
         if used:
             figures["registers"] = int(used.group(1))
             figures["smem_bytes"] = int(used.group(2) or 0)
-    if figures["registers"] is None:
+    measured = {name: f for name, f in per_function.items() if f["registers"] is not None}
+    if not measured:
         raise ValueError("no 'Used N registers' line in ptxas output:\n" + text)
-    return figures
+    if len(measured) == 1:
+        return next(iter(measured.values()))
+    values = list(measured.values())
+    return {"registers": max(f["registers"] for f in values), "smem_bytes": max(f["smem_bytes"] for f in values),
+            "stack_bytes": max(f["stack_bytes"] for f in values),
+            "spill_stores": sum(f["spill_stores"] for f in values),
+            "spill_loads": sum(f["spill_loads"] for f in values),
+            "entries": {name: measured[name] for name in sorted(measured)}}
 
 
 def compile_cubin(source_path: Path, source: str, arch: str, nvcc: Optional[str] = None,

@@ -188,6 +188,12 @@ def explain(rank, shape, kernel_size, stride, dilation, causal, dtype, head_dim,
             click.echo("no backward kernel: the gradients are recomputed through the reference backend")
             return
     ranked = selector.rank_instances(op, problem, tgt, candidates)
+    if backward:  # the other backward kernels lost first of all because the forward does not name them
+        others = [r for r in selector.rank_instances(op, problem, tgt)
+                  if r.instance.op == "bwd" and r.instance.name not in forward.partners]
+        for r in others:
+            r.reasons.insert(0, f"not a backward partner of {forward.name}")
+        ranked += others
     supported = [r for r in ranked if r.supported]
     if not supported:
         click.echo("no instance supports this problem: the reference backend would run it")

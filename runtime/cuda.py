@@ -15,7 +15,7 @@ import torch
 
 from . import paths, selector
 from .toolkit import cubin_path, cuda_include_dir, find_nvcc  # noqa: F401  (re-exported)
-from .launch import KernelCall, Plan
+from .launch import BackwardCall, KernelCall, Plan
 from .manifest import Instance
 from .problem import Problem
 from .registry import Backend, Resolved, register_backend
@@ -54,7 +54,14 @@ NVRTC_OPTIONS = ("-std=c++17", "--use_fast_math")
 
 
 @functools.lru_cache(maxsize=None)
-def _function(instance: Instance, arch: str, device_index: int):
+def _function(instance: Instance, arch: str, device_index: int, symbol: Optional[str] = None):
+    """The loaded kernel `symbol` of an instance (its manifest symbol by default; a backward instance has
+    several entry points in one module)."""
+    return _module(instance, arch, device_index).get_function(symbol or instance.entry["symbol"])
+
+
+@functools.lru_cache(maxsize=None)
+def _module(instance: Instance, arch: str, device_index: int):
     cupy = cupy_module()
     with cupy.cuda.Device(device_index):
         build = instance.build(arch)
@@ -69,7 +76,7 @@ def _function(instance: Instance, arch: str, device_index: int):
             if cuda_include:
                 options += (f"-I{cuda_include}",)
             module = cupy.RawModule(code=instance.source_path.read_text(), options=options, backend="nvrtc")
-        return module.get_function(instance.entry["symbol"])
+        return module
 
 
 _SCALARS = {"i32": np.int32, "f32": np.float32, "i64": np.int64, "f64": np.float64}
@@ -120,16 +127,47 @@ def kernel_call(instance: Instance, problem: Problem, arch: str, device_index: i
     return call
 
 
+def backward_call(instance: Instance, problem: Problem, arch: str, device_index: int) -> BackwardCall:
+    """A BackwardCall of a backward instance on a CUDA device: its entry points launched in turn on torch's
+    current stream."""
+    cupy = cupy_module()
+    device = torch.device("cuda", device_index)
+
+    def stream_of():
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device_index)
+
+    def launcher_for(symbol, plan):
+        return cupy_launcher(_function(instance, arch, device_index, symbol), plan, stream_of, device_index)
+
+    return BackwardCall(instance, problem, launcher_for)
+
+
 class CudaCall(Resolved):
     def __init__(self, problem: Problem, target: selector.Target, device_index: Optional[int], dry_run=None):
         forward = selector.select("fwd", problem, target).instance
-        super().__init__("cuda", forward, None)  # no CUDA backward kernels yet: gradients take the reference
+        backward, self.backward_reason = selector.backward_or_reason(forward, problem, target)
+        super().__init__("cuda", forward, backward)
+        self.problem, self.arch, self.device_index, self.dry_run = problem, target.arch, device_index, dry_run
+        self._backward_call = None
         if dry_run is None:
             self.call = kernel_call(forward, problem, target.arch, device_index)
         else:
             self.call = KernelCall(forward, problem)
             self.call.launcher = cupy_launcher(dry_run, self.call.plan, lambda: None)
         self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
+
+    def backward(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb=None):
+        # a problem with rpb has no backward instance (the selector refuses it: the kernels add no bias)
+        if self.backward_instance is None:
+            return None
+        if self._backward_call is None:  # loaded (compiled on first use) at the first backward
+            if self.dry_run is None:
+                self._backward_call = backward_call(self.backward_instance, self.problem, self.arch, self.device_index)
+            else:
+                dry_run = self.dry_run
+                self._backward_call = BackwardCall(self.backward_instance, self.problem,
+                                                   lambda symbol, plan: cupy_launcher(dry_run, plan, lambda: None))
+        return self._backward_call(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse)
 
 
 def target_for(device: torch.device) -> selector.Target:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -34,26 +34,37 @@ class Plan:
         return args
 
 
-def _tiles_grid(tile, spatial, dilation) -> int:
-    """One CTA per query tile: prod over dims of ceil(L / tile)."""
-    return math.prod(math.ceil(length / t) for t, length in zip(tile, spatial))
+def _tiles_grid(tile, problem: Problem) -> int:
+    """One CTA per tile of tokens: prod over dims of ceil(L / tile)."""
+    return math.prod(math.ceil(length / t) for t, length in zip(tile, problem.spatial))
 
 
-def _group_tiles_grid(tile, spatial, dilation) -> int:
+def _group_tiles_grid(tile, problem: Problem) -> int:
     """A CTA owns a tile inside one dilation group: prod over dims of D * ceil(ceil(L / D) / tile)."""
-    return math.prod(d * math.ceil(math.ceil(length / d) / t) for t, length, d in zip(tile, spatial, dilation))
+    return math.prod(d * math.ceil(math.ceil(length / d) / t)
+                     for t, length, d in zip(tile, problem.spatial, problem.dilation))
 
 
-# launch["grid"] of a manifest entry -> CTAs along blockIdx.x
-GRIDS = {"tiles": _tiles_grid, "group_tiles": _group_tiles_grid}
+def _extra_grid(tile, problem: Problem) -> int:
+    """One CTA per extra token."""
+    return problem.n_extra
 
 
-def plan(instance: Instance, problem: Problem) -> Plan:
-    launch = instance.launch
+# launch["grid"] of a manifest entry (or of one of its entry points) -> CTAs along blockIdx.x
+GRIDS = {"tiles": _tiles_grid, "group_tiles": _group_tiles_grid, "extra": _extra_grid}
+# what blockIdx.y counts ("heads" unless an entry point says otherwise)
+GRID_HEADS = {"heads": lambda problem: problem.heads, "heads_kv": lambda problem: problem.heads_kv}
+
+
+def plan(instance: Instance, problem: Problem, entry: Optional[dict] = None) -> Plan:
+    """The launch of `instance` (or of its entry point `entry`, one of launch["entries"]) on `problem`."""
+    launch = entry if entry is not None else instance.launch
     try:
-        grid_x = GRIDS[launch["grid"]](instance.spec.tile, problem.spatial, problem.dilation)
+        grid_x = GRIDS[launch["grid"]](instance.spec.tile, problem)
+        grid_y = GRID_HEADS[launch.get("heads", "heads")](problem)
     except KeyError:
-        raise RuntimeError(f"{instance.name}: grid kind {launch.get('grid')!r} is unknown to this natgen") from None
+        raise RuntimeError(f"{instance.name}: grid kind {launch.get('grid')!r} / {launch.get('heads')!r} is unknown "
+                           "to this natgen") from None
     if problem.heads > 65535 or problem.batch > 65535:
         raise ValueError(f"heads={problem.heads}, batch={problem.batch}: the CUDA grid allows at most 65535 of each")
     if grid_x >= 2 ** 31:
@@ -63,10 +74,19 @@ def plan(instance: Instance, problem: Problem) -> Plan:
     for position, value in layout.scalars(problem):
         template[position] = value
     pointers = [(i, name) for i, name in enumerate(layout.names) if layout.types[i] == "ptr"]
-    return Plan((grid_x, problem.heads, problem.batch), (launch["threads"], 1, 1), launch.get("dynamic_smem", 0),
+    return Plan((grid_x, grid_y, problem.batch), (launch["threads"], 1, 1), launch.get("dynamic_smem", 0),
                 template, pointers, list(layout.types))
 
 
+def _tensor_order(instance: Instance, plan: Plan, known) -> Optional[List[int]]:
+    """Indices into `known` of the plan's pointer arguments (None: the same order), or an error naming the
+    pointer arguments this natgen cannot provide."""
+    names = [name for _, name in plan.pointers]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise RuntimeError(f"{instance.name}: pointer arguments {unknown} are unknown to this natgen")
+    order = [known.index(name) for name in names]
+    return None if order == list(range(len(known))) else order
 
 
 # the tensors a forward call provides, by ABI field name
@@ -82,12 +102,7 @@ class KernelCall:
     def __init__(self, instance: Instance, problem: Problem, launcher=None):
         self.instance, self.problem, self.launcher = instance, problem, launcher
         self.plan = plan(instance, problem)
-        names = [name for _, name in self.plan.pointers]
-        unknown = sorted(set(names) - set(FORWARD_TENSORS))
-        if unknown:
-            raise RuntimeError(f"{instance.name}: pointer arguments {unknown} are unknown to this natgen's forward")
-        order = [FORWARD_TENSORS.index(name) for name in names]
-        self.order = None if order == list(range(len(FORWARD_TENSORS))) else order
+        self.order = _tensor_order(instance, self.plan, FORWARD_TENSORS)
         self.out_shape = (problem.batch, *problem.spatial, problem.heads, problem.head_dim_v)
         self.lse_shape = self.out_shape[:-1]
         self.dtype, self.device = problem.dtype, problem.device
@@ -103,3 +118,55 @@ class KernelCall:
             tensors = tuple(tensors[i] for i in self.order)
         self.launcher(tensors)
         return out, lse
+
+
+# the tensors a backward call provides, by ABI field name
+BACKWARD_TENSORS = ("q", "k", "v", "out", "lse", "grad_out", "grad_lse", "delta", "extra_k", "extra_v", "grad_q",
+                    "grad_k", "grad_v", "grad_extra_k", "grad_extra_v")
+
+
+class BackwardCall:
+    """A resolved call of one CUDA backward instance: one plan per entry point (launch["entries"], in launch
+    order; those that need extra tokens only when the problem has some), all on the same argument list.
+
+    `launcher_for(symbol, plan)` makes each entry's launcher (CuPy, the emulator, or nothing). A call allocates
+    the gradients and the float32 `delta` scratch (one value per query row: O(N * heads) extra memory) and
+    runs the entries in turn on the same stream."""
+
+    def __init__(self, instance: Instance, problem: Problem, launcher_for: Callable):
+        self.instance, self.problem = instance, problem
+        entries = instance.launch.get("entries")
+        if not entries:
+            raise RuntimeError(f"{instance.name}: a backward entry without launch entry points "
+                               "(re-run `python build.py`)")
+        self.launches = []
+        for entry in entries:
+            if entry.get("needs_extra") and not problem.n_extra:
+                continue
+            entry_plan = plan(instance, problem, entry)
+            self.launches.append((entry["symbol"], launcher_for(entry["symbol"], entry_plan),
+                                  _tensor_order(instance, entry_plan, BACKWARD_TENSORS)))
+        self.lse_shape = (problem.batch, *problem.spatial, problem.heads)
+        self.device = problem.device
+        self.placeholder = torch.zeros(1, dtype=problem.dtype, device=problem.device)  # never read: n_extra = 0
+
+    def __call__(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse):
+        device = self.device
+        if grad_lse is None:
+            grad_lse = torch.zeros(self.lse_shape, dtype=torch.float32, device=device)
+        else:
+            grad_lse = grad_lse.to(torch.float32).contiguous()
+        delta = torch.empty(self.lse_shape, dtype=torch.float32, device=device)
+        # torch.empty: every gradient row is written by exactly one warp, including rows no query reaches
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if extra_k is None:
+            extra_k = extra_v = grad_extra_k = grad_extra_v = self.placeholder
+        else:
+            grad_extra_k, grad_extra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
+        tensors = (q, k, v, out, lse, grad_out, grad_lse, delta, extra_k, extra_v, grad_q, grad_k, grad_v,
+                   grad_extra_k, grad_extra_v)
+        for _, launcher, order in self.launches:
+            launcher(tensors if order is None else tuple(tensors[i] for i in order))
+        if extra_v is self.placeholder:
+            return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, grad_extra_k, grad_extra_v

@@ -26,6 +26,7 @@ class Resolved:
     `fast`, where set, is `(q, k, v) -> (out, lse) or None` for calls without extra tokens or grads."""
 
     fast: Optional[Callable] = None
+    backward_reason: Optional[str] = "the backend has no backward kernels"  # why backward() returns None
 
     def __init__(self, backend: str, instance: Optional[Instance] = None,
                  backward_instance: Optional[Instance] = None):

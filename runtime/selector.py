@@ -140,8 +140,16 @@ def select_backward(forward: Instance, problem: Problem, target: Target) -> Rank
     """The backward kernel for a problem whose forward runs `forward`: the cheapest of its partners."""
     candidates = partner_candidates(forward)
     if not candidates:
-        raise NoKernelError(f"{forward.name} names no backward kernel (its gradients take the reference)")
+        raise NoKernelError(f"{forward.name} names no backward kernel the library holds")
     return select("bwd", problem, target, candidates)
+
+
+def backward_or_reason(forward: Instance, problem: Problem, target: Target):
+    """(backward instance, None), or (None, why none fits): the second is what the fallback's warning says."""
+    try:
+        return select_backward(forward, problem, target).instance, None
+    except NoKernelError as exc:
+        return None, str(exc)
 
 
 def describe(problem: Problem) -> str:

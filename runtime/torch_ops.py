@@ -15,6 +15,7 @@ last, with a default, so calls written before it existed keep their meaning.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -73,6 +74,11 @@ def na_backward(q: Tensor, k: Tensor, v: Tensor, additional_keys: Optional[Tenso
     grads = None
     if resolved.backend != "reference":
         grads = resolved.backward(*tensors, out.contiguous(), lse.contiguous(), grad_out, grad_lse, rpb)
+        if grads is not None and len(grads) == 5:  # a CUDA backward (no rpb: the selector refuses bias problems)
+            grads = (*grads, None)
+        if grads is None:
+            warnings.warn(f"natgen: no {resolved.backend} backward kernel for this call ({resolved.backward_reason}); "
+                          "its gradients are recomputed through the reference", stacklevel=2)
     if grads is None:
         grads = reference_grads(problem, tensors, grad_out, grad_lse, rpb)
     return tuple(_empty_like_missing(q) if g is None else g for g in grads)  # every grad is a fresh tensor

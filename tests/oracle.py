@@ -191,25 +191,21 @@ def _random_cotangent(shape, dtype, seed):
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
-def _grads(forward, tensors, cotangent):
+def _grads(forward, tensors, cotangent, lse_cotangent=None):
     leaves = {name: t.detach().clone().requires_grad_(True) for name, t in tensors.items()}
-    out = forward(**leaves)
-    out = out[0] if isinstance(out, tuple) else out
+    result = forward(**leaves)
+    out = result[0] if isinstance(result, tuple) else result
+    outputs, cotangents = [out], [cotangent.to(out.dtype)]
+    if lse_cotangent is not None:
+        lse = result[1]
+        outputs.append(lse)
+        cotangents.append(lse_cotangent.to(lse.dtype))
     names = list(leaves)
-    grads = torch.autograd.grad(out, [leaves[n] for n in names], cotangent.to(out.dtype),
-                                allow_unused=True)
+    grads = torch.autograd.grad(outputs, [leaves[n] for n in names], cotangents, allow_unused=True)
     return dict(zip(names, grads))
 
 
-def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
-    """Compare gradients of `forward` with the oracle's for one fixed random cotangent of the output.
-
-    forward(q=, k=, v=, additional_keys=, additional_values=, rpb=) must return out (or (out, lse)); it is
-    the backend under test with every other parameter already bound. The naive gradients are autograd
-    through the dense oracle run in the input dtype, the reference ones through it in float64, both
-    from the same (input-dtype) tensors and cotangent so only arithmetic differs.
-    """
-    dtype = q.dtype
+def _grad_inputs(q, k, v, seed, lse_cotangent, params):
     extra_keys = params.pop("additional_keys", None)
     extra_values = params.pop("additional_values", None)
     rpb = params.pop("rpb", None)
@@ -218,19 +214,46 @@ def assert_grads_close_by_rule(forward, q, k, v, seed=0, **params):
         tensors.update(additional_keys=extra_keys, additional_values=extra_values)
     if rpb is not None:
         tensors.update(rpb=rpb)
-    out_shape = (*q.shape[:-1], v.shape[-1])
-    cotangent = _random_cotangent(out_shape, dtype, seed)
+    cotangent = _random_cotangent((*q.shape[:-1], v.shape[-1]), q.dtype, seed)
+    lse_grad = _random_cotangent(q.shape[:-1], torch.float32, seed + 1) if lse_cotangent else None
+    return tensors, cotangent, lse_grad
+
+
+def grads_of(forward, q, k, v, seed=0, lse_cotangent=False, **params):
+    """The gradients of `forward` that assert_grads_close_by_rule checks (same cotangents), as a tuple in the
+    order q, k, v[, additional_keys, additional_values]: to run the tested backend once (or under several
+    schedules) and hand the result over as `tested`."""
+    tensors, cotangent, lse_grad = _grad_inputs(q, k, v, seed, lse_cotangent, params)
+    return tuple(_grads(forward, tensors, cotangent, lse_grad).values())
+
+
+def assert_grads_close_by_rule(forward, q, k, v, seed=0, lse_cotangent=False, tested=None, **params):
+    """Compare gradients of `forward` with the oracle's for one fixed random cotangent of the output.
+
+    forward(q=, k=, v=, additional_keys=, additional_values=, rpb=) must return out (or (out, lse)); it is
+    the backend under test with every other parameter already bound. The naive gradients are autograd
+    through the dense oracle run in the input dtype, the reference ones through it in float64, both
+    from the same (input-dtype) tensors and cotangent so only arithmetic differs. With lse_cotangent=True
+    forward must return (out, lse), and a second fixed random cotangent (float32, as the lse is) flows
+    into the lse as well. `tested`: the backend's gradients already computed by grads_of (forward is then
+    not called).
+    """
+    dtype = q.dtype
+    tensors, cotangent, lse_grad = _grad_inputs(q, k, v, seed, lse_cotangent, params)
 
     def oracle_in(compute_dtype):
         return lambda **t: dense_oracle(**t, compute_dtype=compute_dtype, **params)
 
-    tested = _grads(forward, tensors, cotangent)
-    reference = _grads(oracle_in(torch.float64), tensors, cotangent)
-    naive = _grads(oracle_in(dtype), tensors, cotangent)
+    tested = (_grads(forward, tensors, cotangent, lse_grad) if tested is None
+              else dict(zip(tensors, tested)))
+    reference = _grads(oracle_in(torch.float64), tensors, cotangent, lse_grad)
+    naive = _grads(oracle_in(dtype), tensors, cotangent, lse_grad)
     for name in tensors:
         assert tested[name] is not None, f"d out / d {name} is missing (not differentiable?)"
         assert tested[name].shape == tensors[name].shape, (
             f"grad of {name}: shape {tuple(tested[name].shape)} != {tuple(tensors[name].shape)}")
+        assert tested[name].dtype == tensors[name].dtype, (
+            f"grad of {name}: dtype {tested[name].dtype} != {tensors[name].dtype}")
         check_by_rule(f"grad of {name}", tested[name], reference[name], naive[name], dtype)
 
 

@@ -99,12 +99,15 @@ def test_cuda_signatures_follow_the_manifest_layout():
         if instance.entry["toolchain"] != "nvcc":
             continue
         text = instance.source_path.read_text()
-        start = text.index(f"{instance.entry['symbol']}(") + len(instance.entry["symbol"]) + 1
-        params = [p.strip() for p in text[start:text.index(")", start)].split(",")]
-        fields = instance.layout["fields"]
-        assert [p.split()[-1] for p in params] == [f["name"] for f in fields], instance.name
-        for param, field in zip(params, fields):
-            assert re.fullmatch(types[field["type"]] + r"\s+" + field["name"], param), (instance.name, param)
+        # a backward instance's entry points all take the layout; a forward has one, named by its symbol
+        symbols = [e["symbol"] for e in instance.launch.get("entries", [])] or [instance.entry["symbol"]]
+        for symbol in symbols:
+            start = text.index(f"{symbol}(") + len(symbol) + 1
+            params = [p.strip() for p in text[start:text.index(")", start)].split(",")]
+            fields = instance.layout["fields"]
+            assert [p.split()[-1] for p in params] == [f["name"] for f in fields], (instance.name, symbol)
+            for param, field in zip(params, fields):
+                assert re.fullmatch(types[field["type"]] + r"\s+" + field["name"], param), (instance.name, param)
         checked += 1
     assert checked > 400
     assert all(layout["padding"] == "front" for layout in
@@ -116,12 +119,16 @@ def test_every_entry_is_op_aware_and_forwards_name_present_partners():
     names = {i.name for i in instances}
     for instance in instances:
         entry = instance.entry
-        assert entry["op"] == instance.spec.op and entry["abi"] in ("cuda_fwd", "cpu", "cuda_unfused")
+        assert entry["op"] == instance.spec.op and entry["abi"] in ("cuda_fwd", "cuda_bwd", "cpu", "cuda_unfused")
         assert {"base", "saturating_warps", "waste"} <= set(entry["cost"])
         for partner in instance.partners:
             assert partner in names and "_bwd_" in partner
         if instance.spec.family == "cpu" and instance.op == "fwd":
             assert instance.partners == [instance.name.replace("_fwd_", "_bwd_")]
+        # every fused CUDA forward has a backward kernel (the unfused families' backward is composed of their
+        # own forward kinds)
+        if entry["toolchain"] == "nvcc" and instance.op == "fwd" and entry["abi"] == "cuda_fwd":
+            assert len(instance.partners) == 1 and "_bwd_simtbwd_" in instance.partners[0], instance.name
 
 
 def _count_selections(monkeypatch):
@@ -157,8 +164,9 @@ def test_choose_answers_for_forward_and_backward():
     backend, forward = natgen.choose(2, q, k, v, 5)
     assert backend == "cpu" and "_fwd_cpu_" in forward
     assert natgen.choose(2, q, k, v, 5, op="backward") == ("cpu", forward.replace("_fwd_", "_bwd_"))
-    # CUDA families have forward kernels only: the backward is the reference's
-    assert natgen.choose(2, q, k, v, 5, backend="emulator", op="backward") == ("reference", None)
+    # a CUDA forward's backward is its partner in the SIMT backward family
+    emulated = natgen.choose(2, q, k, v, 5, backend="emulator", op="backward")
+    assert emulated == ("emulator", "na2d_bwd_simtbwd_kany_dany_c00_f32_h32_q2x2_sm80")
     with pytest.raises(ValueError, match="op='sideways' must be 'forward' or 'backward'"):
         natgen.choose(2, q, k, v, 5, op="sideways")
 
@@ -173,4 +181,4 @@ def test_explain_backward():
     assert "chosen:  na2d_bwd_cpu_k7x7_dany_c00_f32_h32_q8x8_cpu" in cpu.output
     gpu = CliRunner().invoke(main, ["explain", "--rank", "2", "--shape", "56x56", "--kernel-size", "7",
                                     "--backward"], catch_exceptions=False)
-    assert gpu.exit_code == 0 and "recomputed through the reference" in gpu.output
+    assert gpu.exit_code == 0 and "chosen:  na2d_bwd_simtbwd_kany_dany_c00_f16_h32_q2x2_sm80" in gpu.output

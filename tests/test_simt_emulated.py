@@ -114,7 +114,8 @@ def test_emulator_backend_runs_what_the_selector_picks(schedules):
     assert_close_by_rule(out, q, k, v, kernel_size=5)
 
 
-def test_emulator_backend_autograd_falls_back_to_reference_grads():
+def test_emulator_backend_autograd_matches_reference_grads():
+    """The emulated backward kernels (natgen.emulated) against the reference backend's gradients."""
     q, k, v, _ = random_inputs(6, 1, (7, 6), 1, 32, torch.float32)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     natgen.na2d(*leaves, 3, backend="emulator").square().sum().backward()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 
 from .. import abi
+from . import simtbwd
 from ..spec import ANY, KernelSpec, padded_cuda_terms
 
 FAMILY = "simt"
@@ -99,3 +100,8 @@ def context(spec: KernelSpec) -> dict:
         "signature": abi.cuda_signature(ABI, spec.ctype),
         "prologue": abi.cuda_fwd_prologue(rank, spec.ctype),
     }
+
+
+def partners(spec: KernelSpec):
+    """The backward instances of a forward: the SIMT backward of its rank, causal mask, dtype and head_dim."""
+    return simtbwd.backward_of(spec)

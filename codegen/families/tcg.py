@@ -18,6 +18,7 @@ import math
 
 from ...cost import QUERY_ROWS_PER_WARP as _ROWS_PER_WARP, computed_keys_per_useful_key
 from .. import abi
+from . import simtbwd
 from ..spec import ANY, KernelSpec, padded_cuda_terms
 
 FAMILY = "tcg"
@@ -145,3 +146,8 @@ def launch(spec: KernelSpec) -> dict:
 
 def context(spec: KernelSpec) -> dict:
     return tc_context(spec)
+
+
+def partners(spec: KernelSpec):
+    """The backward instances of a forward: the SIMT backward of its rank, causal mask, dtype and head_dim."""
+    return simtbwd.backward_of(spec)

@@ -21,7 +21,7 @@ import itertools
 import math
 
 from ..spec import KernelSpec
-from . import tcg
+from . import simtbwd, tcg
 
 FAMILY = "tcs"
 TEMPLATE = "tcs_fwd.cu.j2"
@@ -125,3 +125,8 @@ def context(spec: KernelSpec) -> dict:
         values.update(region_keys=region_keys(spec), group_chunks=group_chunks(spec),
                       min_blocks=max(1, min(smem_ctas, register_ctas)))
     return values
+
+
+def partners(spec: KernelSpec):
+    """The backward instances of a forward: the SIMT backward of its rank, causal mask, dtype and head_dim."""
+    return simtbwd.backward_of(spec)

@@ -70,7 +70,7 @@ def _family(name: str):
             "load_expr": "*p" if double else "ng::to_float(*p)",
             "store_expr": "x" if double else "ng::from_float<T>(x)",
             "signature": abi.cuda_signature(ABI, spec.ctype),
-            "prologue": abi.cuda_axis_prologue(spec.rank),
+            "prologue": abi.cuda_axis_prologue(spec.rank, abi.UNFUSED_AXIS_LOCALS),
         }
 
     return SimpleNamespace(FAMILY=name, TEMPLATE=TEMPLATE, TOOLCHAIN="nvcc", SOURCE_SUFFIX=".cu",
