@@ -65,6 +65,18 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         Field("length", "i32", axes=True), Field("kernel", "i32", axes=True), Field("dilation", "i32", axes=True),
         Field("causal", "i32", axes=True, fill=0),
     ),
+    # The unfused ops on the CPU (templates/cpu_unfused.cpp.j2): the pointers of "cuda_unfused" (elements of
+    # the instance's type) in one block of 8-byte fields passed by address. zero_masked: the qk kind writes 0,
+    # not -inf, in the slots a causal window hides (d attn of the av op).
+    "cpu_unfused": (
+        _ptr("x"), _ptr("y"), _ptr("attn"), _ptr("extra"),
+        _ptr("rpb", doc="relative positional bias [heads, 2K-1 per axis], or null (the qk kind)"),
+        _ptr("out", const=False),
+        Field("batch", "i64"), Field("heads", "i64"), Field("head_dim", "i64", doc="channels of x / y / out"),
+        Field("n_extra", "i64"), Field("threads", "i64"), Field("zero_masked", "i64"),
+        Field("length", "i64", axes=True), Field("kernel", "i64", axes=True), Field("dilation", "i64", axes=True),
+        Field("causal", "i64", axes=True, fill=0),
+    ),
     # CUDA backward: every entry point of a backward instance (preprocess, dk/dv, extra-token dk/dv, dq) takes
     # this one list, so one packed argument template serves them all. `delta` (rowsum(dO * O) - dLSE, float32,
     # one per query row) is written by the preprocess entry and read by the others.

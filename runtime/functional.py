@@ -11,25 +11,33 @@ are differentiable in every tensor argument (query, key, additional_keys, rpb; a
 A model written for natten's unfused ops computes softmax(qk(q * scale, k, rpb)) and passes it to av.
 
 CUDA tensors run the generated CUDA kernels (natgen.unfused_cuda), forward and backward; backend="emulator"
-runs the same kernels on CPU tensors through the emulator; other CPU tensors (backend None or "reference")
-take the chunked torch implementation (natgen.unfused).
+runs the same kernels on CPU tensors through the emulator; other CPU tensors (backend None or "cpu") run the
+generated CPU kernels (natgen.unfused_cpu), forward and backward. backend="reference" (and backend None where
+no C++ compiler is found) takes the chunked torch implementation (natgen.unfused).
 """
 from __future__ import annotations
 
 import torch
 
-from . import unfused, unfused_cuda
+from . import unfused, unfused_cpu, unfused_cuda
 from .problem import make_unfused_av_problem, make_unfused_qk_problem
 
 
 def _kernels(tensor, backend):
-    """The backend of an unfused call: "cuda" / "emulator" (the generated kernels) or None (torch)."""
-    if backend not in (None, "reference", "cuda", "emulator"):
-        raise ValueError(f"backend={backend!r} must be None, 'reference', 'cuda' or 'emulator'")
+    """The backend of an unfused call: "cuda" / "emulator" / "cpu" (the generated kernels) or None (torch)."""
+    if backend not in (None, "reference", "cuda", "emulator", "cpu"):
+        raise ValueError(f"backend={backend!r} must be None, 'reference', 'cuda', 'cpu' or 'emulator'")
     if backend == "reference":
         return None
     if backend is None:
-        return "cuda" if tensor.device.type == "cuda" else None
+        if tensor.device.type == "cuda":
+            return "cuda"
+        # no C++ compiler: the torch implementation
+        return "cpu" if tensor.device.type == "cpu" and unfused_cpu.available() else None
+    if backend == "cpu":
+        if tensor.device.type != "cpu":
+            raise ValueError(f"backend='cpu' does not run {tensor.device.type} tensors")
+        return "cpu"
     return unfused_cuda.backend_for(tensor, backend)
 
 __all__ = ["na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",

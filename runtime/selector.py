@@ -55,7 +55,7 @@ def dtype_token(dtype) -> str:
 
 def not_supported_reasons(instance: Instance, problem: Problem, target: Target, op: str = "fwd") -> List[str]:
     spec, reasons = instance.spec, []
-    if (spec.family == "cpu") != (target.kind == "cpu"):
+    if (spec.arch == "cpu") != (target.kind == "cpu"):
         reasons.append(f"family {spec.family} does not run on {target.kind}")
     if instance.launch.get("operation"):
         reasons.append(f"a kernel of the unfused {instance.launch['operation']} op, not fused attention")

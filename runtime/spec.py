@@ -15,7 +15,10 @@ from . import arch as arch_names
 
 ANY = "any"
 
-FAMILIES = ("simt", "tcs", "tcg", "cpu", "simtbwd", "unqk", "unav", "uninv", "unrpb")
+FAMILIES = ("simt", "tcs", "tcg", "cpu", "simtbwd", "unqk", "unav", "uninv", "unrpb", "cpuqk", "cpuav", "cpuinv",
+            "cpurpb")
+# the families whose kernels run on the CPU (arch "cpu"): the fused one and the unfused ops'
+CPU_FAMILIES = ("cpu", "cpuqk", "cpuav", "cpuinv", "cpurpb")
 OPS = ("fwd", "bwd")
 DTYPES = ("f32", "f16", "bf16", "f64")
 ARCHS = ("sm_80", "sm_90", "cpu")
@@ -72,8 +75,9 @@ class KernelSpec:
             problems.append(f"tile={self.tile!r} must be a tuple of {self.rank} positive ints")
         if self.arch not in ARCHS:
             problems.append(f"arch={self.arch!r} must be one of {ARCHS}")
-        if (self.family == "cpu") != (self.arch == "cpu"):
-            problems.append(f"family={self.family!r} and arch={self.arch!r}: arch 'cpu' goes with family 'cpu' only")
+        if (self.family in CPU_FAMILIES) != (self.arch == "cpu"):
+            problems.append(f"family={self.family!r} and arch={self.arch!r}: arch 'cpu' goes with family 'cpu' "
+                            f"and the unfused ops' CPU families {CPU_FAMILIES[1:]} only")
         if problems:
             raise ValueError("invalid KernelSpec: " + "; ".join(problems))
 

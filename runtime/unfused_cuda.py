@@ -1,7 +1,9 @@
-"""The unfused (natten-style) ops on the generated CUDA kernels (families unqk, unav, uninv, unrpb).
+"""The unfused (natten-style) ops on generated kernels: the CUDA families unqk, unav, uninv, unrpb, and (through
+natgen.unfused_cpu) the CPU families cpuqk, cpuav, cpuinv, cpurpb, which have the same four kinds.
 
-natgen.functional's na*d_qk / na*d_av run here for CUDA tensors (CuPy) and for backend="emulator" (CPU
-tensors through the emulator); the torch implementation (natgen.unfused) serves the rest. Heads-first
+natgen.functional's na*d_qk / na*d_av run here for CUDA tensors (CuPy), for backend="emulator" (CPU tensors
+through the emulator) and for backend="cpu" (CPU tensors on the CPU kernels: the default where a C++
+compiler is found); the torch implementation (natgen.unfused) is the reference and the fallback. Heads-first
 tensors [batch, heads, *spatial, channels]; the Problem comes from problem.make_unfused_qk_problem /
 make_unfused_av_problem. qk's backward is d query = av(d logits, key), d key = the inverse neighborhood of
 (d logits, query), d rpb = the per-offset sum of d logits; av's backward is d attn = qk(grad_out, value)
@@ -44,8 +46,13 @@ def backend_for(tensor, backend):
     return backend
 
 
-def launch(operation: str, problem: Problem, backend: str, out: torch.Tensor, **tensors) -> torch.Tensor:
-    """Run one unfused kernel: the pointers by ABI name (absent ones are null), `out` written in place."""
+def launch(operation: str, problem: Problem, backend: str, out: torch.Tensor, zero_masked: bool = False,
+           **tensors) -> torch.Tensor:
+    """Run one unfused kernel: the pointers by ABI name (absent ones are null), `out` written in place.
+    zero_masked (the CPU qk kind only): 0 instead of -inf in the slots a causal window hides."""
+    if backend == "cpu":
+        from . import unfused_cpu
+        return unfused_cpu.launch(operation, problem, out, zero_masked, **tensors)
     instance = instance_for(operation, problem.rank, TORCH_DTYPE_TOKENS[str(problem.dtype).replace("torch.", "")])
     plan = launch_plan(instance, problem)
     tensors = dict(tensors, out=out)
@@ -67,10 +74,10 @@ def launch(operation: str, problem: Problem, backend: str, out: torch.Tensor, **
     return out
 
 
-def qk_forward(problem, backend, query, key, extra_k=None, rpb=None):
+def qk_forward(problem, backend, query, key, extra_k=None, rpb=None, zero_masked=False):
     shape = (problem.batch, problem.heads, *problem.spatial, problem.window + problem.n_extra)
     out = torch.empty(shape, dtype=query.dtype, device=query.device)
-    return launch("qk", problem, backend, out, x=query, y=key, extra=extra_k, rpb=rpb)
+    return launch("qk", problem, backend, out, zero_masked, x=query, y=key, extra=extra_k, rpb=rpb)
 
 
 def av_forward(problem, backend, attn, value, extra_v=None):
@@ -115,8 +122,11 @@ def av_backward(problem, backend, attn, value, extra_v, grad_out, needs=(True, T
     grad_out = grad_out.contiguous()
     grad_attn = grad_value = grad_extra = None
     if needs[0]:
-        grad_attn = qk_forward(dataclasses.replace(problem, has_rpb=False), backend, grad_out, value, extra_v)
-        grad_attn.masked_fill_(grad_attn == float("-inf"), 0)  # slots a causal window hides get no gradient
+        # slots a causal window hides get no gradient: the CPU kernel writes 0 there, the CUDA one -inf
+        grad_attn = qk_forward(dataclasses.replace(problem, has_rpb=False), backend, grad_out, value, extra_v,
+                               zero_masked=True)
+        if backend != "cpu":
+            grad_attn.masked_fill_(grad_attn == float("-inf"), 0)
     if needs[1]:
         grad_value = inverse(problem, backend, attn, grad_out)
     if extra_v is not None and needs[2]:
