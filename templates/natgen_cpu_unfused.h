@@ -318,9 +318,20 @@ NATGEN_UNFUSED_INLINE void rpb_grad_rows(const Geometry& g, const Args& a, int64
 
 using Unit = void (*)(const Geometry&, const void* args, int64_t begin, int64_t end, void* scratch);
 
-// tasks [0, count) split into one contiguous range per thread
+// multiply-adds below which a call runs on the calling thread: waking the pool costs more than it saves
+// (on a loaded 2-core machine a tiny call waited ~15 ms for its second thread)
+constexpr int64_t kSerialWork = int64_t(1) << 16;
+
+// tasks [0, count) split into one contiguous range per thread; OpenMP on purpose: torch's CPU build loads its
+// libgomp first, so this region reuses torch's worker pool (as the fused CPU kernels do)
 inline void parallel(const Geometry& g, const void* args, int64_t count, Unit unit, void* scratch) {
-#pragma omp parallel num_threads(g.threads)
+    const int64_t work = g.batch * g.heads * g.tokens * g.slots * std::max<int64_t>(g.head_dim, 1);
+    const int threads = int(std::min<int64_t>({int64_t(g.threads), count, std::max<int64_t>(1, work / kSerialWork)}));
+    if (threads <= 1) {
+        if (count > 0) unit(g, args, 0, count, scratch);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
     {
         const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t begin = count * t / n, end = count * (t + 1) / n;

@@ -119,7 +119,8 @@ def test_every_entry_is_op_aware_and_forwards_name_present_partners():
     names = {i.name for i in instances}
     for instance in instances:
         entry = instance.entry
-        assert entry["op"] == instance.spec.op and entry["abi"] in ("cuda_fwd", "cuda_bwd", "cpu", "cuda_unfused")
+        assert entry["op"] == instance.spec.op and entry["abi"] in ("cuda_fwd", "cuda_bwd", "cpu", "cuda_unfused",
+                                                                    "cpu_unfused")
         assert {"base", "saturating_warps", "waste"} <= set(entry["cost"])
         for partner in instance.partners:
             assert partner in names and "_bwd_" in partner

@@ -1,6 +1,8 @@
 """natgen.functional (the unfused qk / av ops and natten's names) against the independent oracle of
 tests/oracle.py: slot order, causal masking, the bias at borders and across dilation groups, extra tokens, every
-rank and dtype; float64 gradcheck; softmax(qk) . av equals the fused op with the same bias."""
+rank and dtype, on the generated CPU kernels (backend "cpu", the default) and the torch implementation
+(backend "reference"); float64 gradcheck through both; softmax(qk) . av equals the fused op with the same bias.
+tests/test_unfused_cpu.py checks the CPU kernels' gradients in every dtype."""
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ CASES = [
     ((4, 5, 6), (2, 3, 3), (1, 1, 2), (False, True, False)),
 ]
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("cpu", "reference")  # the generated CPU kernels, the torch implementation
 
 
 def _tensors(spatial, kernel_size, n_extra=0, heads=2, head_dim=4, seed=0, dtype=torch.float64):
@@ -43,41 +46,44 @@ def _finite(x):
     return torch.where(torch.isinf(x), torch.zeros_like(x), x)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_qk_and_av_match_oracle(case, dtype):
+def test_qk_and_av_match_oracle(case, dtype, backend):
     spatial, kernel_size, dilation, is_causal = case
     rank = len(spatial)
     q, k, v, rpb, extra_k, extra_v = _tensors(spatial, kernel_size, n_extra=2, dtype=dtype)
     for bias in (None, rpb):
-        logits = QK[rank](q, k, kernel_size, dilation, extra_k, is_causal, rpb=bias)
+        logits = QK[rank](q, k, kernel_size, dilation, extra_k, is_causal, rpb=bias, backend=backend)
         expected = unfused_qk_oracle(q, k, kernel_size, dilation, is_causal, bias, extra_k)
         naive = unfused_qk_oracle(q, k, kernel_size, dilation, is_causal, bias, extra_k, compute_dtype=dtype)
         assert logits.dtype == dtype and logits.shape == expected.shape
         assert torch.equal(torch.isinf(logits), torch.isinf(expected)), "masked slots"
         check_by_rule("logits", _finite(logits), _finite(expected), _finite(naive), dtype)
     attn = torch.softmax(expected, dim=-1).to(dtype)
-    out = AV[rank](attn, v, kernel_size, dilation, extra_v, is_causal)
+    out = AV[rank](attn, v, kernel_size, dilation, extra_v, is_causal, backend=backend)
     expected_out = unfused_av_oracle(attn, v, kernel_size, dilation, is_causal, extra_v)
     naive_out = unfused_av_oracle(attn, v, kernel_size, dilation, is_causal, extra_v, compute_dtype=dtype)
     assert out.dtype == dtype and out.shape == v.shape
     check_by_rule("av", out, expected_out, naive_out, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES[1::2] + CASES[:1], ids=str)
-def test_gradcheck_float64(case):
+def test_gradcheck_float64(case, backend):
     spatial, kernel_size, dilation, is_causal = case
     rank = len(spatial)
     q, k, v, rpb, extra_k, extra_v = _tensors(spatial, kernel_size, n_extra=1, heads=1, head_dim=2)
     q, k, v, rpb, extra_k, extra_v = (t[:1].clone() if t.dim() > rank + 1 else t.clone()
                                       for t in (q, k, v, rpb, extra_k, extra_v))
     leaves = [t.requires_grad_(True) for t in (q, k, extra_k, rpb)]
-    torch.autograd.gradcheck(lambda q, k, e, r: _finite(QK[rank](q, k, kernel_size, dilation, e, is_causal, rpb=r)),
-                             leaves)
+    torch.autograd.gradcheck(lambda q, k, e, r: _finite(QK[rank](q, k, kernel_size, dilation, e, is_causal, rpb=r,
+                                                                 backend=backend)), leaves)
     with torch.no_grad():
         attn = torch.softmax(QK[rank](q, k, kernel_size, dilation, extra_k, is_causal, rpb=rpb), dim=-1)
     leaves = [t.detach().requires_grad_(True) for t in (attn, v, extra_v)]
-    torch.autograd.gradcheck(lambda a, v, e: AV[rank](a, v, kernel_size, dilation, e, is_causal), leaves)
+    torch.autograd.gradcheck(lambda a, v, e: AV[rank](a, v, kernel_size, dilation, e, is_causal, backend=backend),
+                             leaves)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
