@@ -132,6 +132,23 @@ NATGEN_UNFUSED_INLINE Acc dot(const Acc* __restrict__ a, const T* __restrict__ b
     return total;
 }
 
+// four dots at once (keys at b, b + stride, ...): four independent chains, one pass over a
+template <class T, class Acc>
+NATGEN_UNFUSED_INLINE void dot4(const Acc* __restrict__ a, const T* __restrict__ b, int64_t stride, int64_t n,
+                                Acc* out) {
+    Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    const T *b0 = b, *b1 = b + stride, *b2 = b + 2 * stride, *b3 = b + 3 * stride;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t c = 0; c < n; ++c) {
+        const Acc x = a[c];
+        s0 += x * load(b0[c]);
+        s1 += x * load(b1[c]);
+        s2 += x * load(b2[c]);
+        s3 += x * load(b3[c]);
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
 template <class T, class Acc>
 NATGEN_UNFUSED_INLINE void axpy(Acc* __restrict__ acc, Acc w, const T* __restrict__ row, int64_t n) {
 #pragma omp simd
@@ -171,27 +188,33 @@ NATGEN_UNFUSED_INLINE void qk_rows(const Geometry& g, const Args& a, int64_t beg
         convert_row(qrow, x + r * D, D);  // the query row once in Acc: it meets every slot
         T* o = out + r * g.slots;
         const T* keys = y + plane * N * D;
-        int slot = 0;
+        const int n2 = a2.count[c[2]];
+        const int64_t key_step = int64_t(a2.dilation) * D;  // the visible keys along the last axis
         for (int t0 = 0; t0 < a0.kernel; ++t0) {
             const bool in0 = t0 < a0.count[c[0]];
             const int k0 = a0.position(a0.start[c[0]] + t0, a0.group[c[0]]);
             const int r0 = a0.kernel - 1 + a0.start[c[0]] + t0 - a0.local[c[0]];
             for (int t1 = 0; t1 < a1.kernel; ++t1) {
+                T* o_row = o + (int64_t(t0) * a1.kernel + t1) * a2.kernel;
                 const bool in1 = in0 && t1 < a1.count[c[1]];
+                const int visible = in1 ? n2 : 0;  // slots t2 < n2 are visible, the rest hidden
+                for (int t2 = visible; t2 < a2.kernel; ++t2) o_row[t2] = Store<T>::from(masked);
+                if (!visible) continue;
                 const int k1 = a1.position(a1.start[c[1]] + t1, a1.group[c[1]]);
                 const int r1 = a1.kernel - 1 + a1.start[c[1]] + t1 - a1.local[c[1]];
-                for (int t2 = 0; t2 < a2.kernel; ++t2, ++slot) {
-                    if (!(in1 && t2 < a2.count[c[2]])) {
-                        o[slot] = Store<T>::from(masked);
-                        continue;
-                    }
-                    const int k2 = a2.position(a2.start[c[2]] + t2, a2.group[c[2]]);
-                    Acc value = dot<T, Acc>(qrow, keys + g.token(k0, k1, k2) * D, D);
-                    if (rpb_head) {
-                        const int r2 = a2.kernel - 1 + a2.start[c[2]] + t2 - a2.local[c[2]];
-                        value += load(rpb_head[(int64_t(r0) * e1 + r1) * e2 + r2]);
-                    }
-                    o[slot] = Store<T>::from(value);
+                const T* first = keys + g.token(k0, k1, a2.position(a2.start[c[2]], a2.group[c[2]])) * D;
+                const T* bias = rpb_head ? rpb_head + (int64_t(r0) * e1 + r1) * e2 + a2.kernel - 1 +
+                                               a2.start[c[2]] - a2.local[c[2]] : nullptr;
+                Acc dots[4];
+                int t2 = 0;
+                for (; t2 + 4 <= visible; t2 += 4) {
+                    dot4<T, Acc>(qrow, first + t2 * key_step, key_step, D, dots);
+                    for (int j = 0; j < 4; ++j)
+                        o_row[t2 + j] = Store<T>::from(bias ? dots[j] + load(bias[t2 + j]) : dots[j]);
+                }
+                for (; t2 < visible; ++t2) {
+                    const Acc value = dot<T, Acc>(qrow, first + t2 * key_step, D);
+                    o_row[t2] = Store<T>::from(bias ? value + load(bias[t2]) : value);
                 }
             }
         }
