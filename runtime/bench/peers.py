@@ -192,7 +192,10 @@ def _peer_unfused(case: Case) -> Runner:
     def fn(q, k, v, rpb=None):
         logits = qk(q * scale, k, ps.kernel_size, ps.dilation, is_causal=ps.is_causal, rpb=rpb)
         return av(torch.softmax(logits, dim=-1), v, ps.kernel_size, ps.dilation, is_causal=ps.is_causal)
-    return Runner(_timed_call(fn, case, inputs, grad), "natgen.functional qk + softmax + av (torch)")
+    from natgen import unfused_cpu
+    where = ("CUDA kernels" if q.device.type == "cuda" else
+             "CPU kernels" if unfused_cpu.available() else "torch")
+    return Runner(_timed_call(fn, case, inputs, grad), f"natgen.functional qk + softmax + av ({where})")
 
 
 def _peer_reference(case: Case) -> Runner:
