@@ -108,6 +108,17 @@ def dq_of(instance: Instance) -> str:
     return instance.launch.get("dq", DEFAULT_DQ)
 
 
+def dq_reason(instance: Instance) -> str:
+    """The chosen backward's dQ scheme and why (for `natgen explain --backward`)."""
+    scheme = dq_of(instance)
+    if scheme == "atomic":
+        return "atomic (summed by fp32 atomics in the dkdv pass, no dq pass; not bit-reproducible): opted in"
+    why = ("the default: " + OPT_IN + " opts in to the atomic one" if requested_dq() != "atomic"
+           else "the atomic one was requested but " + ("is refused under torch.use_deterministic_algorithms(True)"
+                                                       if dq_scheme() != "atomic" else "no atomic instance fits"))
+    return f"{scheme} (its own pass, deterministic; {why})"
+
+
 def rank_instances(op: str, problem: Problem, target: Target,
                    instances: Optional[Sequence[Instance]] = None) -> List[Ranked]:
     """Every instance with its cost or its reasons, best first. A backward of the dQ scheme in force

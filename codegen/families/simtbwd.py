@@ -31,16 +31,17 @@ WARP = 32
 # One warp per key (dkdv) or query (preprocess, dq); 4 per CTA as in the SIMT forward.
 TILES = {1: (4,), 2: (2, 2), 3: (1, 2, 2)}
 MIN_CTAS_PER_SM = 8  # __launch_bounds__: caps registers at 64 (32 resident warps, COST["saturating_warps"])
-# With the positional bias the head_dim 128 dkdv walks of these (family, rank) need a few registers over 64
-# (ptxas spilled 8 bytes for simtbwd rank 3; the atomic-dQ walk of ranks 2 and 3, 20-72 bytes, sm_80 and
-# sm_90): 6 CTAs (80 registers, 24 warps) there.
-WIDE_WALKS = {("simtbwd", 3), ("simtbwda", 2), ("simtbwda", 3)}
+# With the positional bias some dkdv walks need a few registers over 64 (ptxas, sm_80 and sm_90): simtbwd's
+# rank 3 head_dim 128 (8 bytes spilled), and the atomic-dQ walk of simtbwda (its dQ row address and the slot
+# store on top) at rank 2 head_dim 128 and rank 3 head_dim 64 and 32 (its causal masks; 8-72 bytes). Those take
+# 6 CTAs (80 registers, 24 warps), and simtbwda's rank 3 head_dim 128 5 (96 registers: a mixed causal mask
+# still spilled 4 bytes at 80); every default instance is then spill-free.
+WIDE_WALKS = {("simtbwd", 3, 128): 6, ("simtbwda", 2, 128): 6, ("simtbwda", 3, 32): 6, ("simtbwda", 3, 64): 6,
+              ("simtbwda", 3, 128): 5}
 
 
 def min_ctas_per_sm(spec: KernelSpec) -> int:
-    if spec.head_dim == 128 and (spec.family, spec.rank) in WIDE_WALKS:
-        return 6
-    return MIN_CTAS_PER_SM
+    return WIDE_WALKS.get((spec.family, spec.rank, spec.head_dim), MIN_CTAS_PER_SM)
 
 # The entry points in launch order. `grid`: natgen.launch's grid kind along blockIdx.x; `heads`: what
 # blockIdx.y counts; `needs_extra`: launched only when the problem has extra tokens.

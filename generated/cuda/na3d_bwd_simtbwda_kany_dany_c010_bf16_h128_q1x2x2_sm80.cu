@@ -183,7 +183,7 @@ __device__ __forceinline__ int window_start(int i, int len, int kernel, int stri
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_preprocess(
+extern "C" __global__ void __launch_bounds__(128, 5) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_preprocess(
     const __nv_bfloat16* __restrict__ q,
     const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v,
@@ -230,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany
     if (lane == 0) delta[row] = sum - grad_lse[row];
 }
 
-extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_dkdv(
+extern "C" __global__ void __launch_bounds__(128, 5) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_dkdv(
     const __nv_bfloat16* __restrict__ q,
     const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v,
@@ -324,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany
 
 // Extra tokens are seen by every query: the CTA's warps take the (query, head) rows in turn and their
 // partial sums are added in warp order through shared memory, so the result does not depend on scheduling.
-extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_dkdv_extra(
+extern "C" __global__ void __launch_bounds__(128, 5) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_dkdv_extra(
     const __nv_bfloat16* __restrict__ q,
     const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v,
@@ -399,7 +399,7 @@ extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany
 }
 
 // dQ was summed in float32 by the dkdv entries' atomics: scale it into the gradient's type.
-extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_dq_convert(
+extern "C" __global__ void __launch_bounds__(128, 5) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_dq_convert(
     const __nv_bfloat16* __restrict__ q,
     const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v,
@@ -447,7 +447,7 @@ extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany
 // query rows l, l + 32, ... in order and the lanes' sums meet in a butterfly: a fixed order, so the result
 // is the same on every run. A query's slot for offset o is o - (K - 1) + local - start per axis, valid below
 // its window's count (na_window), which is what the walks above stored.
-extern "C" __global__ void __launch_bounds__(128, 6) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_drpb(
+extern "C" __global__ void __launch_bounds__(128, 5) na3d_bwd_simtbwda_kany_dany_c010_bf16_h128_q1x2x2_sm80_drpb(
     const __nv_bfloat16* __restrict__ q,
     const __nv_bfloat16* __restrict__ k,
     const __nv_bfloat16* __restrict__ v,
