@@ -157,7 +157,6 @@ class CudaCall(Resolved):
         self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
 
     def backward(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb=None):
-        # a problem with rpb has no backward instance (the selector refuses it: the kernels add no bias)
         if self.backward_instance is None:
             return None
         if self._backward_call is None:  # loaded (compiled on first use) at the first backward
@@ -167,7 +166,7 @@ class CudaCall(Resolved):
                 dry_run = self.dry_run
                 self._backward_call = BackwardCall(self.backward_instance, self.problem,
                                                    lambda symbol, plan: cupy_launcher(dry_run, plan, lambda: None))
-        return self._backward_call(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse)
+        return self._backward_call(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb)
 
 
 def target_for(device: torch.device) -> selector.Target:

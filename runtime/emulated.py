@@ -64,12 +64,11 @@ class EmulatedCall(Resolved):
         self.forward = self.call  # (q, k, v, extra_k=None, extra_v=None) -> (out, lse)
 
     def backward(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb=None):
-        # a problem with rpb has no backward instance (the selector refuses it: the kernels add no bias)
         if self.backward_instance is None:
             return None
         if self._backward_call is None:
             self._backward_call = backward_call(self.backward_instance, self.problem, self.seed)
-        return self._backward_call(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse)
+        return self._backward_call(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb)
 
 
 def resolve(problem: Problem, arch: Optional[str] = None) -> EmulatedCall:

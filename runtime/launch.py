@@ -50,8 +50,13 @@ def _extra_grid(tile, problem: Problem) -> int:
     return problem.n_extra
 
 
+def _rpb_grid(tile, problem: Problem) -> int:
+    """One warp per entry of a head's bias (prod over dims of 2K - 1), a CTA holding prod(tile) warps."""
+    return math.ceil(math.prod(2 * k - 1 for k in problem.kernel_size) / math.prod(tile))
+
+
 # launch["grid"] of a manifest entry (or of one of its entry points) -> CTAs along blockIdx.x
-GRIDS = {"tiles": _tiles_grid, "group_tiles": _group_tiles_grid, "extra": _extra_grid}
+GRIDS = {"tiles": _tiles_grid, "group_tiles": _group_tiles_grid, "extra": _extra_grid, "rpb": _rpb_grid}
 # what blockIdx.y counts ("heads" unless an entry point says otherwise)
 GRID_HEADS = {"heads": lambda problem: problem.heads, "heads_kv": lambda problem: problem.heads_kv}
 
@@ -74,7 +79,9 @@ def plan(instance: Instance, problem: Problem, entry: Optional[dict] = None) -> 
     for position, value in layout.scalars(problem):
         template[position] = value
     pointers = [(i, name) for i, name in enumerate(layout.names) if layout.types[i] == "ptr"]
-    return Plan((grid_x, grid_y, problem.batch), (launch["threads"], 1, 1), launch.get("dynamic_smem", 0),
+    # batch "loop": the entry sums over the batch itself (one CTA row along z)
+    grid_z = 1 if launch.get("batch") == "loop" else problem.batch
+    return Plan((grid_x, grid_y, grid_z), (launch["threads"], 1, 1), launch.get("dynamic_smem", 0),
                 template, pointers, list(layout.types))
 
 
@@ -122,16 +129,19 @@ class KernelCall:
 
 # the tensors a backward call provides, by ABI field name
 BACKWARD_TENSORS = ("q", "k", "v", "out", "lse", "grad_out", "grad_lse", "delta", "extra_k", "extra_v", "grad_q",
-                    "grad_k", "grad_v", "grad_extra_k", "grad_extra_v")
+                    "grad_k", "grad_v", "grad_extra_k", "grad_extra_v", "rpb", "grad_rpb", "grad_logits", "dq_accum")
 
 
 class BackwardCall:
     """A resolved call of one CUDA backward instance: one plan per entry point (launch["entries"], in launch
-    order; those that need extra tokens only when the problem has some), all on the same argument list.
+    order; those that need extra tokens or a bias only when the problem has them), all on the same argument
+    list.
 
     `launcher_for(symbol, plan)` makes each entry's launcher (CuPy, the emulator, or nothing). A call allocates
-    the gradients and the float32 `delta` scratch (one value per query row: O(N * heads) extra memory) and
-    runs the entries in turn on the same stream."""
+    the gradients and the float32 scratch and runs the entries in turn on the same stream. The scratch:
+    `delta`, one value per query row (O(N * heads)); with a bias `grad_logits`, dS per (query row, window
+    slot) (O(N * heads * prod(K)), what the unfused ops' logits take); with launch dq = "atomic" a zeroed
+    float32 dQ (`dq_accum`, like q). Absent scratch and bias tensors are null pointers."""
 
     def __init__(self, instance: Instance, problem: Problem, launcher_for: Callable):
         self.instance, self.problem = instance, problem
@@ -139,18 +149,23 @@ class BackwardCall:
         if not entries:
             raise RuntimeError(f"{instance.name}: a backward entry without launch entry points "
                                "(re-run `python build.py`)")
+        if problem.has_rpb and not instance.launch.get("rpb", False):
+            raise RuntimeError(f"{instance.name} adds no positional bias (the selector refuses it such problems)")
         self.launches = []
         for entry in entries:
-            if entry.get("needs_extra") and not problem.n_extra:
+            if (entry.get("needs_extra") and not problem.n_extra) or (entry.get("needs_rpb") and not problem.has_rpb):
                 continue
             entry_plan = plan(instance, problem, entry)
             self.launches.append((entry["symbol"], launcher_for(entry["symbol"], entry_plan),
                                   _tensor_order(instance, entry_plan, BACKWARD_TENSORS)))
         self.lse_shape = (problem.batch, *problem.spatial, problem.heads)
+        self.logits_shape = (*self.lse_shape, math.prod(problem.kernel_size))
+        self.atomic_dq = instance.launch.get("dq") == "atomic"
         self.device = problem.device
         self.placeholder = torch.zeros(1, dtype=problem.dtype, device=problem.device)  # never read: n_extra = 0
 
-    def __call__(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse):
+    def __call__(self, q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb=None):
+        """(grad_q, grad_k, grad_v, grad_extra_k, grad_extra_v, grad_rpb), None where there is no such input."""
         device = self.device
         if grad_lse is None:
             grad_lse = torch.zeros(self.lse_shape, dtype=torch.float32, device=device)
@@ -159,14 +174,20 @@ class BackwardCall:
         delta = torch.empty(self.lse_shape, dtype=torch.float32, device=device)
         # torch.empty: every gradient row is written by exactly one warp, including rows no query reaches
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=device) if self.atomic_dq else None
         if extra_k is None:
             extra_k = extra_v = grad_extra_k = grad_extra_v = self.placeholder
         else:
             grad_extra_k, grad_extra_v = torch.empty_like(extra_k), torch.empty_like(extra_v)
+        grad_rpb = grad_logits = None
+        if rpb is not None:
+            # every entry of grad_rpb is written by one warp; grad_logits is read only where a walk stored dS
+            grad_rpb = torch.empty_like(rpb)
+            grad_logits = torch.empty(self.logits_shape, dtype=torch.float32, device=device)
         tensors = (q, k, v, out, lse, grad_out, grad_lse, delta, extra_k, extra_v, grad_q, grad_k, grad_v,
-                   grad_extra_k, grad_extra_v)
+                   grad_extra_k, grad_extra_v, rpb, grad_rpb, grad_logits, dq_accum)
         for _, launcher, order in self.launches:
             launcher(tensors if order is None else tuple(tensors[i] for i in order))
         if extra_v is self.placeholder:
-            return grad_q, grad_k, grad_v, None, None
-        return grad_q, grad_k, grad_v, grad_extra_k, grad_extra_v
+            grad_extra_k = grad_extra_v = None
+        return grad_q, grad_k, grad_v, grad_extra_k, grad_extra_v, grad_rpb

@@ -11,6 +11,7 @@ import torch
 
 from . import backends  # noqa: F401  (registers every backend)
 from .arch import arch_number
+from .dq_scheme import dq_scheme
 from .problem import _per_dim_bools, _per_dim_ints, make_problem
 from .reference import na_reference
 from .registry import BACKENDS, resolve_call  # noqa: F401  (BACKENDS: natgen.ops.BACKENDS["cpu"] etc.)
@@ -65,8 +66,9 @@ def _call_key(rank, tensors, arguments):
 def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
             additional_values=None, backend=None, arch=None, rpb=None):
     """(problem, Resolved) for a call, from the cache when it was resolved before."""
+    # the dQ scheme in force picks the backward instance a resolved call holds (natgen.backward_options)
     key = _call_key(rank, (q, k, v, additional_keys, additional_values, rpb),
-                    (kernel_size, stride, dilation, is_causal, scale, backend, arch))
+                    (kernel_size, stride, dilation, is_causal, scale, backend, arch, dq_scheme()))
     try:
         entry = _CALLS.get(key) if key is not None else None
     except TypeError:  # an unhashable argument: the full path reports what is wrong with it

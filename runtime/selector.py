@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from .arch import arch_number
+from .dq_scheme import DEFAULT_DQ, OPT_IN, dq_scheme, requested_dq
 from .cost import ctas_per_sm, static_cost  # noqa: F401  (ctas_per_sm is shown by `natgen list`)
 from .manifest import Instance, load
 from .problem import Problem
@@ -84,6 +85,8 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target, 
                        "index grouped key/value heads")
     if problem.has_rpb and not instance.launch.get("rpb", False):
         reasons.append("a relative positional bias (rpb): the instance does not add one")
+    if spec.op == "bwd" and instance.launch.get("dq") == "atomic" and dq_scheme() != "atomic":
+        reasons.append(dq_refusal())
     limits = instance.launch.get("limits", {})
     for what, value in (("extra", problem.n_extra), ("window", problem.window), ("heads", problem.heads),
                         ("batch", problem.batch)):
@@ -93,9 +96,35 @@ def not_supported_reasons(instance: Instance, problem: Problem, target: Target, 
     return reasons
 
 
+def dq_refusal() -> str:
+    """Why an atomic-dQ backward is refused now."""
+    if requested_dq() == "atomic":
+        return "dQ by fp32 atomics is not bit-reproducible: refused under torch.use_deterministic_algorithms(True)"
+    return f"dQ by fp32 atomics (not bit-reproducible) is opt-in: {OPT_IN}"
+
+
+def dq_of(instance: Instance) -> str:
+    """A backward instance's dQ scheme (launch fact `dq`)."""
+    return instance.launch.get("dq", DEFAULT_DQ)
+
+
+def dq_reason(instance: Instance) -> str:
+    """The chosen backward's dQ scheme and why (for `natgen explain --backward`)."""
+    scheme = dq_of(instance)
+    if scheme == "atomic":
+        return "atomic (summed by fp32 atomics in the dkdv pass, no dq pass; not bit-reproducible): opted in"
+    why = ("the default: " + OPT_IN + " opts in to the atomic one" if requested_dq() != "atomic"
+           else "the atomic one was requested but " + ("is refused under torch.use_deterministic_algorithms(True)"
+                                                       if dq_scheme() != "atomic" else "no atomic instance fits"))
+    return f"{scheme} (its own pass, deterministic; {why})"
+
+
 def rank_instances(op: str, problem: Problem, target: Target,
                    instances: Optional[Sequence[Instance]] = None) -> List[Ranked]:
+    """Every instance with its cost or its reasons, best first. A backward of the dQ scheme in force
+    (natgen.backward_options) ranks before the others whatever the costs: the scheme is the caller's choice."""
     op = op_token(op)
+    scheme = dq_scheme() if op == "bwd" else None
     ranked = []
     for instance in instances if instances is not None else load():
         entry = Ranked(instance, reasons=not_supported_reasons(instance, problem, target, op))
@@ -103,8 +132,11 @@ def rank_instances(op: str, problem: Problem, target: Target,
             entry.cost, entry.details = static_cost(instance, problem, target)
             if math.isinf(entry.cost):
                 entry.reasons.append("cannot be resident on this arch (0 CTAs per SM)")
+            if op == "bwd":
+                entry.details["dq"] = dq_of(instance)
         ranked.append(entry)
-    ranked.sort(key=lambda r: (not r.supported, r.cost, r.instance.name))
+    ranked.sort(key=lambda r: (not r.supported, scheme is not None and dq_of(r.instance) != scheme, r.cost,
+                               r.instance.name))
     return ranked
 
 

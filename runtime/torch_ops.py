@@ -74,8 +74,6 @@ def na_backward(q: Tensor, k: Tensor, v: Tensor, additional_keys: Optional[Tenso
     grads = None
     if resolved.backend != "reference":
         grads = resolved.backward(*tensors, out.contiguous(), lse.contiguous(), grad_out, grad_lse, rpb)
-        if grads is not None and len(grads) == 5:  # a CUDA backward (no rpb: the selector refuses bias problems)
-            grads = (*grads, None)
         if grads is None:
             warnings.warn(f"natgen: no {resolved.backend} backward kernel for this call ({resolved.backward_reason}); "
                           "its gradients are recomputed through the reference", stacklevel=2)

@@ -126,10 +126,11 @@ def test_every_entry_is_op_aware_and_forwards_name_present_partners():
             assert partner in names and "_bwd_" in partner
         if instance.spec.family == "cpu" and instance.op == "fwd":
             assert instance.partners == [instance.name.replace("_fwd_", "_bwd_")]
-        # every fused CUDA forward has a backward kernel (the unfused families' backward is composed of their
-        # own forward kinds)
+        # every fused CUDA forward has a deterministic backward kernel and its opt-in atomic-dQ twin (the
+        # unfused families' backward is composed of their own forward kinds)
         if entry["toolchain"] == "nvcc" and instance.op == "fwd" and entry["abi"] == "cuda_fwd":
-            assert len(instance.partners) == 1 and "_bwd_simtbwd_" in instance.partners[0], instance.name
+            assert [p.split("_")[2] for p in instance.partners] == ["simtbwd", "simtbwda"], instance.name
+            assert {p.replace("_simtbwda_", "_simtbwd_") for p in instance.partners} == {instance.partners[0]}
 
 
 def _count_selections(monkeypatch):

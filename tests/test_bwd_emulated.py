@@ -148,7 +148,8 @@ def test_backward_choice_is_named_and_explained():
     assert backend == "emulator" and name in find(forward).partners
     entry = find(name)
     roles = [e["role"] for e in entry.launch["entries"]]
-    assert roles == ["preprocess", "dkdv", "dkdv_extra", "dq"] and entry.launch["dq"] == "query_stationary"
+    assert roles == ["preprocess", "dkdv", "dkdv_extra", "dq", "drpb"] and entry.launch["dq"] == "query_stationary"
+    assert entry.launch["rpb"] is True
     from click.testing import CliRunner
     from natgen.cli import main
     result = CliRunner().invoke(main, ["explain", "--rank", "2", "--shape", "6x6", "--kernel-size", "3",
@@ -158,6 +159,17 @@ def test_backward_choice_is_named_and_explained():
     causal_line = next(line for line in result.output.splitlines()
                        if line.startswith("na2d_bwd_simtbwd_kany_dany_c11_f32_h32_q2x2_sm80"))
     assert "not a backward partner of" in causal_line and "causal mask" in causal_line
+    assert "dQ: query_stationary (its own pass, deterministic; the default" in result.output
+    atomic_line = next(line for line in result.output.splitlines()
+                       if line.startswith("na2d_bwd_simtbwda_kany_dany_c00_f32_h32_q2x2_sm80"))
+    assert "is opt-in: natgen.backward_options(dq='atomic')" in atomic_line
+    with natgen.backward_options(dq="atomic"):
+        result = CliRunner().invoke(main, ["explain", "--rank", "2", "--shape", "6x6", "--kernel-size", "3",
+                                           "--dtype", "fp32", "--backward"])
+        assert natgen.choose(2, q, q, q, 3, backend="emulator", op="backward")[1].startswith("na2d_bwd_simtbwda_")
+    assert "chosen:  na2d_bwd_simtbwda_kany_dany_c00_f32_h32_q2x2_sm80" in result.output
+    assert "dQ: atomic (summed by fp32 atomics" in result.output
+    assert natgen.choose(2, q, q, q, 3, backend="emulator", op="backward")[1] == name  # restored at exit
 
 
 def test_backward_without_partner_warns_and_falls_back(monkeypatch, tmp_path):

@@ -59,3 +59,48 @@ def test_cuda_backward_is_deterministic():
         grads.append(torch.autograd.grad(out.float().square().sum(), tensors))
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+# the positional bias (grad_rpb from the drpb entry) and the opt-in atomic dQ, on the emulated tier's cases
+from test_bwd_rpb_emulated import CASES as RPB_CASES, _id as _rpb_id, make as make_rpb  # noqa: E402
+
+
+def _rpb_grads_on_cuda(case, family):
+    rank, lse_grad = case[0], case[10]
+    q, k, v, tensors, params = make_rpb(case)
+    op = getattr(natgen, f"na{rank}d")
+    backend, name = natgen.choose(rank, q.cuda(), k.cuda(), v.cuda(), **params,
+                                  **{n: t.cuda() for n, t in tensors.items()}, backend="cuda", op="backward")
+    assert backend == "cuda" and f"_bwd_{family}_" in name, name
+
+    def forward(**t):
+        result = op(**{n: x.cuda() for n, x in t.items()}, **params, backend="cuda", return_lse=lse_grad)
+        return tuple(r.cpu() for r in result) if lse_grad else result.cpu()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_grads_close_by_rule(forward, q, k, v, seed=3, lse_cotangent=lse_grad, **params, **tensors)
+
+
+@pytest.mark.parametrize("case", RPB_CASES, ids=_rpb_id)
+def test_cuda_backward_with_rpb_against_oracle(case, no_reference_backward):
+    _rpb_grads_on_cuda(case, "simtbwd")
+
+
+@pytest.mark.parametrize("case", RPB_CASES, ids=_rpb_id)
+def test_cuda_atomic_dq_backward_against_oracle(case, no_reference_backward):
+    with natgen.backward_options(dq="atomic"):
+        _rpb_grads_on_cuda(case, "simtbwda")
+
+
+def test_cuda_backward_with_rpb_is_deterministic():
+    q, k, v, extra = inputs(5, (24, 20), 4, 2, 64, torch.bfloat16, 2)
+    rpb = torch.randn(4, 9, 9).to(torch.bfloat16)
+    tensors = [t.cuda().requires_grad_(True) for t in (q, k, v, *extra.values(), rpb)]
+    grads = []
+    for _ in range(2):
+        out = natgen.na2d(*tensors[:3], 5, dilation=2, additional_keys=tensors[3], additional_values=tensors[4],
+                          rpb=tensors[5], backend="cuda")
+        grads.append(torch.autograd.grad(out.float().square().sum(), tensors))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)

@@ -28,12 +28,13 @@ def test_fused_rpb(case, schedules):
 
 
 # the public op on backend="emulator": the selector's instance (it must add the bias) forward, and the
-# gradients, d rpb included, from the reference's explicit backward (no CUDA backward kernel takes rpb)
-# (the geometry of core cases: the same generic instances, compiled once)
+# gradients, d rpb included, from the simtbwd backward kernels (no reference fallback: it would warn)
+# (the geometry of core cases, and the backward masks and dtypes of tests/test_bwd_emulated.py's, so the
+# same instances are compiled once)
 PUBLIC = [
     (2, (7, 8), (3, 4), (1, 2), (2, 1), (True, False), "bfloat16", "_"),
     (1, (13,), 4, 1, 2, (True,), "float16", "_"),
-    (3, (4, 5, 6), (2, 3, 3), 1, (1, 1, 2), (False, True, True), "float32", "_"),
+    (3, (4, 5, 6), (2, 3, 3), 1, (1, 1, 2), (False, True, False), "float16", "_"),
 ]
 
 
@@ -56,5 +57,9 @@ def test_public_op_with_rpb_forward_and_gradients(case, schedules):
     assert backend == "emulator" and name is not None and family in name, name
     out, lse = schedules(lambda: op(q, k, v, backend="emulator", rpb=rpb, return_lse=True, **params))
     assert_close_by_rule(out, q, k, v, lse=lse, rpb=rpb, **params)
-    assert natgen.choose(rank, q, k, v, backend="emulator", rpb=rpb, op="backward", **params)[0] == "reference"
-    assert_grads_close_by_rule(lambda **t: op(**t, backend="emulator", **params), q, k, v, rpb=rpb, **params)
+    backward = natgen.choose(rank, q, k, v, backend="emulator", rpb=rpb, op="backward", **params)
+    assert backward[0] == "emulator" and "_bwd_simtbwd_" in backward[1], backward
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_grads_close_by_rule(lambda **t: op(**t, backend="emulator", **params), q, k, v, rpb=rpb, **params)
