@@ -15,7 +15,7 @@ from . import arch as arch_names
 
 ANY = "any"
 
-FAMILIES = ("simt", "tcs", "tcg", "cpu", "simtbwd", "unqk", "unav", "uninv", "unrpb")
+FAMILIES = ("simt", "tcs", "tcg", "cpu", "simtbwd", "tcbwd", "unqk", "unav", "uninv", "unrpb")
 OPS = ("fwd", "bwd")
 DTYPES = ("f32", "f16", "bf16", "f64")
 ARCHS = ("sm_80", "sm_90", "cpu")
@@ -30,7 +30,7 @@ IntTuple = Tuple[int, ...]
 
 @dataclass(frozen=True)
 class KernelSpec:
-    family: str                                  # simt | tcs | tcg | cpu | simtbwd
+    family: str                                  # simt | tcs | tcg | cpu | simtbwd | tcbwd
     op: str                                      # fwd | bwd
     rank: int                                    # 1, 2 or 3 spatial dims
     kernel_size: Union[IntTuple, str]            # per-dim window, or "any" (runtime value)

@@ -9,6 +9,6 @@
 - partners(spec) -> [specs] (optional): a forward's backward instances
 - context(spec) -> dict: precomputed template values (templates do no parameter-space logic)
 """
-from . import cpu, simt, simtbwd, tcg, tcs, unfused
+from . import cpu, simt, simtbwd, tcbwd, tcg, tcs, unfused
 
-REGISTRY = {module.FAMILY: module for module in (simt, tcs, tcg, cpu, simtbwd, *unfused.FAMILIES)}
+REGISTRY = {module.FAMILY: module for module in (simt, tcs, tcg, cpu, simtbwd, tcbwd, *unfused.FAMILIES)}
