@@ -11,8 +11,12 @@ list and launch order, launched by natgen.launch's BackwardCall. Only the dkdv a
 - dq: a CTA owns 64 queries of one dilation group, walks the union of their windows and the extra tokens as
   the generic forward does, and accumulates dQ = dS K.
 
-K, stride and dilation are runtime values (one instance per rank, causal mask, dtype and head_dim, as the
-SIMT backward). fp32 inputs stay with the SIMT backward, which meets fp32 accuracy.
+K, stride and dilation are runtime values in the generic instances (one per rank, causal mask, dtype and
+head_dim, as the SIMT backward). The specialized ones (the NAT / DiNAT regime: odd K 3-7, no dilation, no
+causal mask) render the same template with K and D as compile-time constants (codegen.spec's
+padded_cuda_terms), which removes index math from the window and inverse-window searches; the selector
+prefers them where they fit (the `specialization` factor). fp32 inputs stay with the SIMT backward, which
+meets fp32 accuracy.
 """
 from __future__ import annotations
 
@@ -59,15 +63,26 @@ MIN_BLOCKS = tcg.MIN_BLOCKS
 PREPROCESS_MIN_CTAS = simtbwd.MIN_CTAS_PER_SM
 
 
-def spec_for(rank: int, causal, dtype: str, head_dim: int) -> KernelSpec:
-    return KernelSpec(FAMILY, "bwd", rank, ANY, ANY, tuple(causal), dtype, head_dim, TILES[rank], "sm_80")
+# the specialized instances: compile-time K (per dim, all dims equal) and dilation 1, non-causal
+SPECIALIZED_KERNEL_SIZES = (3, 5, 7)
+SPECIALIZATION = 0.85  # the specialized tensor-core forward's factor (tcs.COST)
+
+
+def spec_for(rank: int, causal, dtype: str, head_dim: int, kernel=None) -> KernelSpec:
+    kernel_size, dilation = (ANY, ANY) if kernel is None else ((kernel,) * rank, (1,) * rank)
+    return KernelSpec(FAMILY, "bwd", rank, kernel_size, dilation, tuple(causal), dtype, head_dim, TILES[rank],
+                      "sm_80")
 
 
 def backward_of(spec: KernelSpec):
-    """The backward partner of a CUDA forward spec (the generator keeps it only if the library holds it)."""
+    """The backward partners of a CUDA forward spec: the generic instance of its rank, causal mask, dtype and
+    head_dim and the specialized ones of the same (the selector keeps those whose K fits the problem; the
+    generator names only those the library holds)."""
     if spec.op != "fwd" or spec.dtype not in DTYPES or spec.head_dim not in HEAD_DIMS:
         return []
-    return [spec_for(spec.rank, spec.causal, spec.dtype, spec.head_dim)]
+    generic = spec_for(spec.rank, spec.causal, spec.dtype, spec.head_dim)
+    return [generic] + [spec_for(spec.rank, spec.causal, spec.dtype, spec.head_dim, kernel)
+                        for kernel in SPECIALIZED_KERNEL_SIZES]
 
 
 def candidates(policy: str):
@@ -75,11 +90,17 @@ def candidates(policy: str):
         for dtype, head_dim in itertools.product(DTYPES, HEAD_DIMS):
             for causal in itertools.product((False, True), repeat=rank):
                 yield spec_for(rank, causal, dtype, head_dim), None
+            for kernel in SPECIALIZED_KERNEL_SIZES:
+                yield spec_for(rank, (False,) * rank, dtype, head_dim, kernel), None
         yield (KernelSpec(FAMILY, "bwd", rank, ANY, ANY, (False,) * rank, "f32", 64, TILES[rank], "sm_80"),
                "fp32 inputs are served by the simtbwd family at fp32 accuracy")
 
 
 prebuild = simtbwd.prebuild  # the same rule: mixed per-dim causal masks compile on first use
+
+
+def cost(spec: KernelSpec) -> dict:
+    return dict(COST, specialization=SPECIALIZATION) if spec.kernel_size != ANY else dict(COST)
 
 
 def key_stage(head_dim: int) -> int:
@@ -101,7 +122,8 @@ def launch(spec: KernelSpec) -> dict:
     threads = WARP * math.prod(spec.tile) // tcg.QUERY_ROWS_PER_WARP
     smem = {"preprocess": 0, "dkdv": dkdv_smem(spec.head_dim), "dkdv_extra": dkdv_smem(spec.head_dim),
             "dq": dq_smem(spec.head_dim)}
-    figures = tcg.tc_launch(spec, *tcg.REFERENCE[spec.rank])
+    spatial, kernel_size = tcg.REFERENCE[spec.rank]
+    figures = tcg.tc_launch(spec, spatial, kernel_size if spec.kernel_size == ANY else spec.kernel_size)
     del figures["rpb"]  # no positional-bias backward here
     del figures["kv_tile"]
     figures.update(
