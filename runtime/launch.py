@@ -55,8 +55,14 @@ def _rpb_grid(tile, problem: Problem) -> int:
     return math.ceil(math.prod(2 * k - 1 for k in problem.kernel_size) / math.prod(tile))
 
 
+def _extra_tiles_grid(tile, problem: Problem) -> int:
+    """One CTA per tile's worth of extra tokens: ceil(n_extra / prod(tile))."""
+    return math.ceil(problem.n_extra / math.prod(tile))
+
+
 # launch["grid"] of a manifest entry (or of one of its entry points) -> CTAs along blockIdx.x
-GRIDS = {"tiles": _tiles_grid, "group_tiles": _group_tiles_grid, "extra": _extra_grid, "rpb": _rpb_grid}
+GRIDS = {"tiles": _tiles_grid, "group_tiles": _group_tiles_grid, "extra": _extra_grid, "rpb": _rpb_grid,
+         "extra_tiles": _extra_tiles_grid}
 # what blockIdx.y counts ("heads" unless an entry point says otherwise)
 GRID_HEADS = {"heads": lambda problem: problem.heads, "heads_kv": lambda problem: problem.heads_kv}
 

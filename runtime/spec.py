@@ -15,8 +15,8 @@ from . import arch as arch_names
 
 ANY = "any"
 
-FAMILIES = ("simt", "tcs", "tcg", "cpu", "simtbwd", "simtbwda", "unqk", "unav", "uninv", "unrpb", "cpuqk", "cpuav",
-            "cpuinv", "cpurpb")
+FAMILIES = ("simt", "tcs", "tcg", "cpu", "simtbwd", "simtbwda", "tcbwd", "unqk", "unav", "uninv", "unrpb", "cpuqk",
+            "cpuav", "cpuinv", "cpurpb")
 # the families whose kernels run on the CPU (arch "cpu"): the fused one and the unfused ops'
 CPU_FAMILIES = ("cpu", "cpuqk", "cpuav", "cpuinv", "cpurpb")
 OPS = ("fwd", "bwd")
@@ -33,7 +33,7 @@ IntTuple = Tuple[int, ...]
 
 @dataclass(frozen=True)
 class KernelSpec:
-    family: str                                  # simt | tcs | tcg | cpu | simtbwd | simtbwda | ...
+    family: str                                  # simt | tcs | tcg | cpu | simtbwd | simtbwda | tcbwd | ...
     op: str                                      # fwd | bwd
     rank: int                                    # 1, 2 or 3 spatial dims
     kernel_size: Union[IntTuple, str]            # per-dim window, or "any" (runtime value)

@@ -126,11 +126,16 @@ def test_every_entry_is_op_aware_and_forwards_name_present_partners():
             assert partner in names and "_bwd_" in partner
         if instance.spec.family == "cpu" and instance.op == "fwd":
             assert instance.partners == [instance.name.replace("_fwd_", "_bwd_")]
-        # every fused CUDA forward has a deterministic backward kernel and its opt-in atomic-dQ twin (the
-        # unfused families' backward is composed of their own forward kinds)
+        # every fused CUDA forward has a backward kernel (the unfused families' backward is composed of their
+        # own forward kinds): the SIMT one and its opt-in atomic-dQ twin, and for fp16 / bf16 the tensor-core
+        # one too (chosen by cost)
         if entry["toolchain"] == "nvcc" and instance.op == "fwd" and entry["abi"] == "cuda_fwd":
-            assert [p.split("_")[2] for p in instance.partners] == ["simtbwd", "simtbwda"], instance.name
-            assert {p.replace("_simtbwda_", "_simtbwd_") for p in instance.partners} == {instance.partners[0]}
+            families = sorted({p.split("_bwd_", 1)[1].split("_", 1)[0] for p in instance.partners})
+            half = instance.spec.dtype in ("f16", "bf16") and instance.spec.head_dim in (32, 64, 128)
+            assert families == (["simtbwd", "simtbwda", "tcbwd"] if half else ["simtbwd", "simtbwda"]), \
+                (instance.name, families)
+            assert {p.replace("_simtbwda_", "_simtbwd_") for p in instance.partners
+                    if "_simtbwd" in p} == {instance.partners[0]}
 
 
 def _count_selections(monkeypatch):
@@ -183,4 +188,4 @@ def test_explain_backward():
     assert "chosen:  na2d_bwd_cpu_k7x7_dany_c00_f32_h32_q8x8_cpu" in cpu.output
     gpu = CliRunner().invoke(main, ["explain", "--rank", "2", "--shape", "56x56", "--kernel-size", "7",
                                     "--backward"], catch_exceptions=False)
-    assert gpu.exit_code == 0 and "chosen:  na2d_bwd_simtbwd_kany_dany_c00_f16_h32_q2x2_sm80" in gpu.output
+    assert gpu.exit_code == 0 and "chosen:  na2d_bwd_tcbwd_k7x7_d1x1_c00_f16_h32_q16x4_sm80" in gpu.output

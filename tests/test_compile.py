@@ -120,3 +120,21 @@ def test_sample_compiles_through_nvrtc(entry):
     NVRTC.nvrtcGetProgramLog(program, log)
     NVRTC.nvrtcDestroyProgram(ctypes.byref(program))
     assert status == 0, log.value.decode(errors="replace")
+
+
+@pytest.mark.compile
+@needs_nvcc
+def test_tensor_core_backward_ptx_runs_on_the_tensor_cores():
+    """`natgen show NAME --ptx` of a tensor-core backward instance: every entry point but the preprocess runs
+    mma.sync, fed by ldmatrix (plain and transposed)."""
+    from click.testing import CliRunner
+    from natgen.cli import main
+    name = "na2d_bwd_tcbwd_kany_dany_c10_bf16_h64_q16x4_sm80"
+    result = CliRunner().invoke(main, ["show", name, "--ptx", "--arch", "sm_90"])
+    assert result.exit_code == 0, result.output
+    ptx = result.output
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
+    bodies = ptx.split(".entry ")[1:]
+    uses = {body.split("(", 1)[0].strip().rsplit("_", 1)[-1]: "mma.sync" in body for body in bodies}
+    assert uses == {"preprocess": False, "dkdv": True, "extra": True, "dq": True}, uses

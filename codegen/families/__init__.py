@@ -9,7 +9,7 @@
 - partners(spec) -> [specs] (optional): a forward's backward instances
 - context(spec) -> dict: precomputed template values (templates do no parameter-space logic)
 """
-from . import cpu, cpu_unfused, simt, simtbwd, simtbwda, tcg, tcs, unfused
+from . import cpu, cpu_unfused, simt, simtbwd, simtbwda, tcbwd, tcg, tcs, unfused
 
-REGISTRY = {module.FAMILY: module for module in (simt, tcs, tcg, cpu, simtbwd, simtbwda, *unfused.FAMILIES,
+REGISTRY = {module.FAMILY: module for module in (simt, tcs, tcg, cpu, simtbwd, simtbwda, tcbwd, *unfused.FAMILIES,
                                                 *cpu_unfused.FAMILIES)}

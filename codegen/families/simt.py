@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 
 from .. import abi
-from . import simtbwd
+from . import backward
 from ..spec import ANY, KernelSpec, padded_cuda_terms
 
 FAMILY = "simt"
@@ -103,5 +103,5 @@ def context(spec: KernelSpec) -> dict:
 
 
 def partners(spec: KernelSpec):
-    """The backward instances of a forward: the SIMT backward of its rank, causal mask, dtype and head_dim."""
-    return simtbwd.backward_of(spec)
+    """The backward instances of a forward: those of its rank, causal mask, dtype and head_dim (families.backward)."""
+    return backward.backward_of(spec)

@@ -18,7 +18,6 @@ import math
 
 from ...cost import QUERY_ROWS_PER_WARP as _ROWS_PER_WARP, computed_keys_per_useful_key
 from .. import abi
-from . import simtbwd
 from ..spec import ANY, KernelSpec, padded_cuda_terms
 
 FAMILY = "tcg"
@@ -149,5 +148,7 @@ def context(spec: KernelSpec) -> dict:
 
 
 def partners(spec: KernelSpec):
-    """The backward instances of a forward: the SIMT backward of its rank, causal mask, dtype and head_dim."""
-    return simtbwd.backward_of(spec)
+    """The backward instances of a forward: those of its rank, causal mask, dtype and head_dim (natgen.codegen's
+    families.backward)."""
+    from .backward import backward_of  # imported here: the tensor-core backward builds on this module
+    return backward_of(spec)

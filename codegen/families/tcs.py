@@ -21,7 +21,7 @@ import itertools
 import math
 
 from ..spec import KernelSpec
-from . import simtbwd, tcg
+from . import backward, tcg
 
 FAMILY = "tcs"
 TEMPLATE = "tcs_fwd.cu.j2"
@@ -128,5 +128,5 @@ def context(spec: KernelSpec) -> dict:
 
 
 def partners(spec: KernelSpec):
-    """The backward instances of a forward: the SIMT backward of its rank, causal mask, dtype and head_dim."""
-    return simtbwd.backward_of(spec)
+    """The backward instances of a forward: those of its rank, causal mask, dtype and head_dim (families.backward)."""
+    return backward.backward_of(spec)
