@@ -1,23 +1,10 @@
 // natgen CPU kernels: the drivers. Work units (forward: a query tile, backward: a dilation-group
 // combination), the OpenMP loop over them, and run_forward / run_backward, which the generated entry
 // points call.
-#pragma once
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <vector>
-#include <omp.h>
-
-#include "natgen_cpu_bwd.h"
-#include "natgen_cpu_fwd.h"
-#include "natgen_cpu_plan.h"
-
-namespace natgen {
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 // ------------------------------------------------------------------------------------- drivers
-template <typename T> using UnitFn = void (*)(const Plan&, int64_t, Scratch<T>&);
-
 inline int64_t items_count(const Plan& p) {
     return int64_t(p.items[0].size()) * p.items[1].size() * p.items[2].size();
 }
@@ -89,7 +76,7 @@ template <class Body> void parallel_units(int64_t threads, int64_t units, Body b
     work(omp_get_thread_num());
 }
 
-template <class Cfg> void run_forward(const Args& a, UnitFn<typename Cfg::T> fn) {
+template <class Cfg> void run_forward(const Args& a) {
     typedef typename Cfg::T T;
     const Plan p = make_plan<Cfg>(a, true);
     const int64_t units = a.batch * a.heads * items_count(p);
@@ -99,11 +86,11 @@ template <class Cfg> void run_forward(const Args& a, UnitFn<typename Cfg::T> fn)
         // 2 threads. A buffer's stale contents are what an earlier tile of the same call would have left.
         static thread_local Scratch<T> scratch;
         scratch.reserve(p, false);
-        fn(p, unit, scratch);
+        forward_unit<Cfg>(p, unit, scratch);
     });
 }
 
-template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn) {
+template <class Cfg> void run_backward(const Args& a) {
     typedef typename Cfg::T T;
     const Plan p = make_plan<Cfg>(a, false);
     const int64_t groups = int64_t(p.axes[0].size()) * p.axes[1].size() * p.axes[2].size();
@@ -120,7 +107,7 @@ template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn
         if (!ready[worker]) { s.reserve(p, true); ready[worker] = 1; }
         s.extra_grads.assign(p.n_extra * extra_row, T(0));
         s.rpb_grads.assign(bias_block, T(0));
-        fn(p, unit, s);
+        backward_unit<Cfg>(p, unit, s);
         if (p.n_extra)
             std::copy(s.extra_grads.begin(), s.extra_grads.end(), extra.begin() + unit * p.n_extra * extra_row);
         if (bias_block) std::copy(s.rpb_grads.begin(), s.rpb_grads.end(), bias.begin() + unit * bias_block);
@@ -144,4 +131,3 @@ template <class Cfg> void run_backward(const Args& a, UnitFn<typename Cfg::T> fn
     }
 }
 
-}  // namespace natgen

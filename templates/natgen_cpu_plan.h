@@ -1,18 +1,8 @@
-// natgen CPU kernels: the work plan. Config (an instance's compile-time facts), the window rule in
+// natgen CPU kernels: the work plan. The window rule in
 // group-local coordinates, per-axis dilation groups with every query's window and every tile's key union,
 // the specialized forward's fixed layout, the per-thread scratch buffers sized from the plan, TileRef.
-#pragma once
-
-#include <algorithm>
-#include <cstdint>
-#include <new>
-#include <utility>
-#include <vector>
-
-#include "natgen_cpu_simd.h"
-// natgen::Args comes from the including instance (generated from codegen/abi.py), before any natgen header
-
-namespace natgen {
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 // The per-axis window rule (natgen.window.window_1d, runtime/window.py) in group-local coordinates (ii = i // D,
 // group length Lg).
@@ -31,17 +21,6 @@ NATGEN_INLINE void window_1d(int64_t ii, int64_t Lg, int64_t K, int64_t S, bool 
     }
 }
 
-// Compile-time facts of one instance; 0 means "runtime value" (the spec said "any").
-template <typename T_, int K0_, int K1_, int K2_, int HD_, bool C0_, bool C1_, bool C2_, int T0_, int T1_,
-          int T2_>
-struct Config {
-    typedef T_ T;
-    static constexpr int K[3] = {K0_, K1_, K2_};
-    static constexpr int HD = HD_;  // head_dim of q/k and of v (specialized instances need them equal)
-    static constexpr bool C[3] = {C0_, C1_, C2_};
-    static constexpr int TILE[3] = {T0_, T1_, T2_};
-};
-
 // Compile-time layout of the specialized forward (namespace fwd, fixed_tile): constant K and head_dim,
 // no causal axis. The tile's key union is gathered at fixed strides (ROWS0 x ROWS1 union rows of ROWLEN
 // columns), so every key a query reads sits at a compile-time offset from the query's window corner: the
@@ -49,7 +28,7 @@ struct Config {
 template <class Cfg> struct FixedFwd {
     typedef typename Cfg::T T;
     static constexpr int V = VecTraits<T>::width;
-    static constexpr bool enabled = Cfg::K[0] > 0 && Cfg::K[1] > 0 && Cfg::K[2] > 0 && Cfg::HD > 0 &&
+    static constexpr bool enabled = kFixedPaths && Cfg::K[0] > 0 && Cfg::K[1] > 0 && Cfg::K[2] > 0 && Cfg::HD > 0 &&
                                     Cfg::HD % V == 0 && !Cfg::C[0] && !Cfg::C[1] && !Cfg::C[2];
     static constexpr int K0 = enabled ? Cfg::K[0] : 1, K1 = enabled ? Cfg::K[1] : 1, K2 = enabled ? Cfg::K[2] : 1;
     static constexpr int HD = enabled ? Cfg::HD : V;
@@ -265,4 +244,3 @@ struct TileRef {
     int tile[3];
 };
 
-}  // namespace natgen
