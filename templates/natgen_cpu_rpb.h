@@ -89,7 +89,8 @@ NATGEN_INLINE void accumulate_bias_grads(const Plan& p, const TileRef& t, const 
 }
 
 // Backward driver: grad_rpb [heads][entries] as the sum of every unit's bias grads, in unit order (the same
-// result for any thread count). A unit is (batch, kv head, dilation groups); `groups` units per (batch, kv head).
+// result for any thread count). A unit is (batch, kv head, dilation groups, band); `groups` units per (batch, kv
+// head).
 template <typename T>
 inline void reduce_bias_grads(const Plan& p, const std::vector<T>& per_unit, int64_t units, int64_t groups) {
     const Args& a = *p.a;
