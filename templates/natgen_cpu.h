@@ -30,10 +30,9 @@
 //   value offset from a query's window corner is a compile-time constant, take the softmax in base 2, and
 //   work on 2 x 2 query blocks: the scores of the two queries stacked on axis 1 together (each key vector
 //   loaded once for both), P.V of the two side by side on the last axis together (each value row loaded
-//   once for both). Their score vectors are as wide as the window row needs (8 lanes for K <= 8 even where
-//   the variant has 16: a 7-key row in a 16-lane vector would waste 9 lanes), their output vectors the
-//   variant's width. In 2-D their tiles grow up to 4x taller on axis 1 where the problem has units enough
-//   for the threads.
+//   once for both). Their score vectors have the variant's width, so on AVX-512 a 7-key window row fills 7
+//   of 16 lanes (P.V and the output rows use all 16). In 2-D their tiles grow up to 4x taller on axis 1
+//   where the problem has units enough for the threads.
 // - Backward: vectorized over queries. One vector holds V neighbouring queries along the last axis
 //   ("lanes"), whose windows are one box shifted by a key per lane, so the key of lane j at window (row,
 //   column) is column + j of a union row: one contiguous vector load per (row, column, channel) from keys and
