@@ -252,9 +252,9 @@ NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg
     }
 }
 
-// (The query loop below repeats forward_tile's on purpose: a shared helper taking a lambda would move the
-// loop body into the lambda, which target_clones does not clone, so it would run the baseline ISA;
-// measured 7x slower on cpu-2d.)
+// (The query loop below repeats forward_tile's rather than sharing a helper that takes a lambda: under the
+// former target_clones scheme the lambda ran the baseline ISA, 7x slower on cpu-2d; with the per-variant
+// `#pragma GCC target` a lambda would be built for its variant, but the loops stay apart, one per job.)
 //
 // One backward unit = one (batch, key/value head, dilation-group combination): it owns every key its queries
 // can see, for every query head reading that key/value head, so dK/dV accumulate without races and in a fixed

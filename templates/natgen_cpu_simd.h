@@ -99,7 +99,7 @@ NATGEN_INLINE void lanes_to_rows(const T* __restrict src, int64_t n, T* const* r
 }
 
 // exp for the softmax: Cephes' expf (range reduction by ln2 in two parts, degree-5 polynomial, ~1 ulp for
-// x <= 0) in vector arithmetic, so every clone gets it at full width; f64 goes lane by lane through std::exp.
+// x <= 0) in vector arithmetic, so every variant gets it at its full width; f64 goes lane by lane through std::exp.
 NATGEN_INLINE VecTraits<float>::type exp_vec(VecTraits<float>::type x) {
     typedef VecTraits<float>::type Vec;
     typedef VecTraits<float>::itype IVec;
