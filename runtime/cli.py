@@ -202,6 +202,12 @@ def explain(rank, shape, kernel_size, stride, dilation, causal, dtype, head_dim,
         click.echo(f"chosen:  {best.instance.name}  (static cost {best.cost:.3f}; {best.details})")
         if backward:
             click.echo(f"         dQ: {selector.dq_reason(best.instance)}")
+        if target == "cpu":
+            from . import cpu_isa
+            try:
+                click.echo(f"         ISA variant: {cpu_isa.describe()}")
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
         waste = best.details.get("computed_keys_per_useful_key")
         if waste is not None:
             click.echo(f"         computes {waste} (query, key) pairs per useful pair on this problem")

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import cxx, selector
+from . import cpu_isa, cxx, selector
 from .manifest import Instance
 from .packing import Layout
 from .problem import Problem
@@ -117,6 +117,7 @@ class CpuCall(Resolved):
     def module(self):
         if self._module is None:
             self._module = cxx.load(self.instance)
+            log.info("natgen: %s runs the CPU ISA variant %s", self.instance.name, cpu_isa.describe())
         return self._module
 
     def _first_fast(self, q, k, v):

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional
 
-from . import paths
+from . import cpu_isa, paths
 from .files import atomic_write
 
 log = logging.getLogger("natgen.cxx")
@@ -157,21 +157,32 @@ def compile_source(name: str, source: str, compiler: Optional[str] = None, heade
 
 
 class Kernel:
-    """One loaded instance: `run(args_address)` calls its extern "C" entry point."""
+    """One loaded instance: `run(args_address, arg_fields)` calls its extern "C" entry point on the ISA
+    variant natgen.cpu_isa names (read on every call, so cpu_isa.use / force take effect at once)."""
 
     def __init__(self, name: str, path: Path):
         self.name, self.path = name, path
         self._library = ctypes.CDLL(str(path))  # OSError for a file that is not a loadable library
         self._entry = getattr(self._library, name)
-        self._entry.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self._entry.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._entry.restype = ctypes.c_int
+        variants = getattr(self._library, f"{name}_variants")
+        variants.restype = ctypes.c_char_p
+        self.variants = tuple(variants().decode().split(","))  # compiled in, best first
 
     def run(self, args_address: int, arg_fields: int) -> None:
-        status = self._entry(args_address, arg_fields)
-        if status == 1:
-            raise RuntimeError(f"{self.name}: argument layout mismatch ({arg_fields} fields); rebuild natgen")
+        status = self._entry(args_address, arg_fields, cpu_isa.code())
         if status:
-            raise RuntimeError(f"{self.name}: the kernel raised a C++ exception (out of memory?)")
+            raise RuntimeError(self._failure(status, arg_fields))
+
+    def _failure(self, status: int, arg_fields: int) -> str:
+        if status == 1:
+            return f"{self.name}: argument layout mismatch ({arg_fields} fields); rebuild natgen"
+        if status in (3, 4):
+            what = "was built without" if status == 3 else "needs instructions this CPU lacks for"
+            return (f"{self.name}: the module {what} ISA variant {cpu_isa.current()!r} (its variants: "
+                    f"{', '.join(self.variants)}; set {cpu_isa.ENV} to one of them)")
+        return f"{self.name}: the kernel raised a C++ exception (out of memory?)"
 
 
 def compile_instance(instance) -> Path:

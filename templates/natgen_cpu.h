@@ -1,22 +1,23 @@
 // natgen CPU kernels: the shared C++ body that every generated CPU instance instantiates. Generated sources
-// include this header only; it includes the parts, one job each, in the order they build on each other:
-//   natgen_cpu_target.h  compile targets (ISA clones, the fixed-shape kernels' AVX2+FMA build), attributes
-//   natgen_cpu_simd.h    vector types, loads / stores, row <-> lane transposes, exp / exp2 / log2, hmax / hsum
-//   natgen_cpu_plan.h    Config, the window rule, the work plan (dilation groups, tiles, key unions), the
-//                        specialized forward's layout (FixedFwd), per-thread scratch buffers, TileRef
-//   natgen_cpu_lanes.h   the lane scheme: lane kernels, a tile's transposed key-union gather, lane groups
-//   natgen_cpu_fwd.h     the forward (namespace fwd): per-query kernels and the specialized fixed_tile
-//   natgen_cpu_bwd.h     the backward: fixed-shape lane-group kernels (Fixed, fixed_group), backward_tile
-//   natgen_cpu_driver.h  work units, the OpenMP loop over them, run_forward / run_backward
+// include this header only. It includes the standard headers, natgen_cpu_target.h (compile targets,
+// attributes) and natgen_cpu_config.h (Config, the ISA codes), then the kernel body (natgen_cpu_variant.h and
+// its parts) once per ISA variant, each in its own namespace under its own `#pragma GCC target`:
+//   natgen::avx512    AVX-512 F/BW/VL/DQ + FMA: 64-byte vectors, 16 fp32 lanes (x86-64 with GCC only)
+//   natgen::avx2      AVX2 + FMA: 32-byte vectors, 8 fp32 lanes (x86-64 with GCC only)
+//   natgen::portable  the baseline ISA: 32-byte GCC vectors, no specialized fixed-shape paths
+// The vector width is the variant's one parameter (NATGEN_VEC_BYTES, read by VecTraits): the same source, not
+// a copy per ISA. dispatch<Cfg, Forward>(args, isa) runs the variant the caller names. The runtime picks it
+// once per process from the CPU's features (runtime/cpu_isa.py; NATGEN_CPU_ISA overrides it) and passes its
+// code as the entry point's third argument; a variant the CPU lacks, or one this module was built without,
+// returns an error rather than faulting.
 //
 // A generated instance (templates/cpu_na.cpp.j2) fixes the compile-time facts of its spec (element type,
-// kernel size, head_dim, per-dim causal mask, query tile) through `Config` and wraps the per-unit work in a
-// function built for several ISAs (target_clones: AVX-512, AVX2+FMA, baseline x86-64), chosen at load time
-// from the CPU's features. Everything the kernels read arrives through one `Args` block of 8-byte fields,
-// which each generated source defines before including this header (from codegen/abi.py's "cpu" ABI; the
-// runtime packs it from the layout the manifest records); the entry point is one extern "C" function named
-// after the spec, taking that block and its field count (a count that differs from this build's returns an
-// error instead of misreading the block), which ctypes calls with the GIL released.
+// kernel size, head_dim, per-dim causal mask, query tile) through `Config`. Everything the kernels read
+// arrives through one `Args` block of 8-byte fields, which each generated source defines before including
+// this header (from codegen/abi.py's "cpu" ABI; the runtime packs it from the layout the manifest records);
+// the entry point is one extern "C" function named after the spec, taking that block, its field count (a
+// count that differs from this build's returns an error instead of misreading the block) and the ISA code,
+// which ctypes calls with the GIL released.
 //
 // Work decomposition. Dilation splits every axis into interleaved groups that never see each other, so a
 // query tile is a box of group-LOCAL coordinates inside one group combination; its keys are then a dense
@@ -29,8 +30,9 @@
 //   value offset from a query's window corner is a compile-time constant, take the softmax in base 2, and
 //   work on 2 x 2 query blocks: the scores of the two queries stacked on axis 1 together (each key vector
 //   loaded once for both), P.V of the two side by side on the last axis together (each value row loaded
-//   once for both). In 2-D their tiles grow up to 4x taller on axis 1 where the problem has units enough for
-//   the threads.
+//   once for both). Their score vectors have the variant's width, so on AVX-512 a 7-key window row fills 7
+//   of 16 lanes (P.V and the output rows use all 16). In 2-D their tiles grow up to 4x taller on axis 1
+//   where the problem has units enough for the threads.
 // - Backward: vectorized over queries. One vector holds V neighbouring queries along the last axis
 //   ("lanes"), whose windows are one box shifted by a key per lane, so the key of lane j at window (row,
 //   column) is column + j of a union row: one contiguous vector load per (row, column, channel) from keys and
@@ -39,16 +41,92 @@
 //   borders a group reads a few more columns and masks each lane to its own window. Specialized instances
 //   (constant K and head_dim, no causal axis) run their interior lane groups, and the border groups of
 //   K2 + K2 / 2 columns, through kernels whose every count and offset is a constant (Fixed, fixed_group).
-// The specialized paths of both directions are built once, for AVX2+FMA (NATGEN_FIXED_TARGET), not per clone.
+//   A backward unit is a (batch, kv head, dilation group, band): bands split the outermost split axis where
+//   the other factors leave threads idle, and run even bands then odd bands, so no two running bands write
+//   the same key grads (natgen_cpu_driver.h).
 // Extra tokens are the same keys for every query, inside the same softmax. prod(K) is small, so all scores
 // of a query are computed first, then one max/exp pass (no online rescaling).
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+#include <omp.h>
+
 #include "natgen_cpu_target.h"
-#include "natgen_cpu_simd.h"
-#include "natgen_cpu_plan.h"
-#include "natgen_cpu_lanes.h"
-#include "natgen_cpu_rpb.h"
-#include "natgen_cpu_fwd.h"
-#include "natgen_cpu_bwd.h"
-#include "natgen_cpu_driver.h"
+#include "natgen_cpu_config.h"
+
+#if NATGEN_X86_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace natgen {
+namespace avx512 {
+#define NATGEN_VEC_BYTES 64
+#define NATGEN_FIXED_PATHS 1
+#include "natgen_cpu_variant.h"
+#undef NATGEN_FIXED_PATHS
+#undef NATGEN_VEC_BYTES
+}  // namespace avx512
+}  // namespace natgen
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace natgen {
+namespace avx2 {
+#define NATGEN_VEC_BYTES 32
+#define NATGEN_FIXED_PATHS 1
+#include "natgen_cpu_variant.h"
+#undef NATGEN_FIXED_PATHS
+#undef NATGEN_VEC_BYTES
+}  // namespace avx2
+}  // namespace natgen
+#pragma GCC pop_options
+#endif
+
+namespace natgen {
+namespace portable {
+#define NATGEN_VEC_BYTES 32
+#define NATGEN_FIXED_PATHS 0
+#include "natgen_cpu_variant.h"
+#undef NATGEN_FIXED_PATHS
+#undef NATGEN_VEC_BYTES
+}  // namespace portable
+
+// The variants this module holds, best first (the `<name>_variants` export; runtime/cpu_isa.py's names).
+constexpr const char* kVariants = NATGEN_X86_VARIANTS ? "avx512,avx2,portable" : "portable";
+
+// Runs the forward or backward of `Cfg` on ISA variant `isa`. Returns 0, or 3 for a code this module has no
+// variant for, 4 for a variant whose instructions this CPU lacks.
+template <class Cfg, bool Forward> int dispatch(const Args& a, int isa) {
+#if NATGEN_X86_VARIANTS
+    if (isa == kAvx512) {
+        if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+              __builtin_cpu_supports("fma")))
+            return 4;
+        if constexpr (Forward) avx512::run_forward<Cfg>(a); else avx512::run_backward<Cfg>(a);
+        return 0;
+    }
+    if (isa == kAvx2) {
+        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 4;
+        if constexpr (Forward) avx2::run_forward<Cfg>(a); else avx2::run_backward<Cfg>(a);
+        return 0;
+    }
+#endif
+    if (isa == kPortable) {
+        if constexpr (Forward) portable::run_forward<Cfg>(a); else portable::run_backward<Cfg>(a);
+        return 0;
+    }
+    return 3;
+}
+
+}  // namespace natgen

@@ -1,18 +1,7 @@
-// natgen CPU kernels: the backward. Fixed-shape lane-group kernels (constant K and head_dim, built once for
-// AVX2+FMA) and backward_tile, which runs every lane group of a tile through them or the general lane kernels.
-#pragma once
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <tuple>
-
-#include "natgen_cpu_lanes.h"
-#include "natgen_cpu_plan.h"
-#include "natgen_cpu_simd.h"
-
-namespace natgen {
+// natgen CPU kernels: the backward. Fixed-shape lane-group kernels (constant K and head_dim; in the AVX2 and
+// AVX-512 variants) and backward_tile, which runs every lane group of a tile through them or the general lane kernels.
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 // ------------------------------------------------------------------------------------- backward, fixed shape
 // Instances whose kernel size and head_dim are compile-time (and not causal) run the lane groups whose lanes'
@@ -29,7 +18,7 @@ template <class Cfg, int NC_ = Cfg::K[2]> struct Fixed {
     typedef typename Cfg::T T;
     static constexpr int V = VecTraits<T>::width;
     static constexpr int K0 = Cfg::K[0], K1 = Cfg::K[1], K2 = Cfg::K[2], HD = Cfg::HD;
-    static constexpr bool on = K0 > 0 && K1 > 0 && K2 > 0 && K2 <= 14 && HD > 0 && HD % V == 0 && !Cfg::C[0] &&
+    static constexpr bool on = kFixedPaths && K0 > 0 && K1 > 0 && K2 > 0 && K2 <= 14 && HD > 0 && HD % V == 0 && !Cfg::C[0] &&
                                !Cfg::C[1] && !Cfg::C[2];
     // columns per window row: K2, or for a masked group K2 + K2 / 2 (a border group holding all K2 / 2
     // clamped queries of its side and the shifted ones next to them), whose cells outside a lane's window
@@ -168,7 +157,7 @@ template <typename T> NATGEN_INLINE std::tuple<const T*, const T*, const T*, con
             reinterpret_cast<const T*>(a.grad_lse), reinterpret_cast<T*>(a.grad_q)};
 }
 
-// One lane group through the fixed-shape kernels (NATGEN_FIXED_TARGET: built once, for AVX2+FMA).
+// One lane group through the fixed-shape kernels (out of line: one copy for both call sites).
 
 template <class Cfg, int NC>
 NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg::T>& lg, Scratch<typename Cfg::T>& s) {
@@ -263,9 +252,9 @@ NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg
     }
 }
 
-// (The query loop below repeats forward_tile's on purpose: a shared helper taking a lambda would move the
-// loop body into the lambda, which target_clones does not clone, so it would run the baseline ISA;
-// measured 7x slower on cpu-2d.)
+// (The query loop below repeats forward_tile's rather than sharing a helper that takes a lambda: under the
+// former target_clones scheme the lambda ran the baseline ISA, 7x slower on cpu-2d; with the per-variant
+// `#pragma GCC target` a lambda would be built for its variant, but the loops stay apart, one per job.)
 //
 // One backward unit = one (batch, key/value head, dilation-group combination): it owns every key its queries
 // can see, for every query head reading that key/value head, so dK/dV accumulate without races and in a fixed
@@ -300,7 +289,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         if constexpr (Fixed<Cfg>::on) {
             typedef Fixed<Cfg> F;
             typedef Fixed<Cfg, F::NC_BORDER> FB;
-            if (lg.rows == F::K0 * F::K1 && p.n_extra == 0 && !a.rpb && p.hd == Cfg::HD && p.hdv == Cfg::HD && NATGEN_FIXED_ISA()) {
+            if (lg.rows == F::K0 * F::K1 && p.n_extra == 0 && !a.rpb && p.hd == Cfg::HD && p.hdv == Cfg::HD) {
                 if (lg.uniform && lg.lanes == V && lg.cols == F::NC && g.rs == F::RS) {
                     fixed_group<Cfg, F::NC>(p, lg, s);
                     continue;
@@ -413,4 +402,3 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
     }
 }
 
-}  // namespace natgen

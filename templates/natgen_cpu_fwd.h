@@ -1,18 +1,7 @@
 // natgen CPU kernels: the forward (namespace fwd). Per-query kernels vectorized over keys, and the
-// specialized fixed-shape tile (FixedFwd) built once for AVX2+FMA.
-#pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#include "natgen_cpu_plan.h"
-#include "natgen_cpu_simd.h"
-
-namespace natgen {
+// specialized fixed-shape tile (FixedFwd; in the AVX2 and AVX-512 variants).
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 // ------------------------------------------------------------------------------------- forward, per query
 // The forward vectorizes over keys (the backward over queries, natgen_cpu_lanes.h): per query, its window's
@@ -145,15 +134,9 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, co
         rows[u] = e < p.n_extra ? extra + ((t.b * p.n_extra + e) * heads + t.hk) * dim : zeros;
     const int64_t n = u;
     if (transposed) {
+        constexpr int V = VecTraits<T>::width;
         int64_t u8 = 0;
-        for (; u8 + 8 <= n; u8 += 8) {
-            if constexpr (sizeof(T) == 4) {
-                rows_to_lanes<T>(rows.data() + u8, dim, dst + u8, ld);  // 8x8 blocks transposed in registers
-            } else {
-                for (int64_t d = 0; d < dim; ++d)
-                    for (int l = 0; l < 8; ++l) dst[d * ld + u8 + l] = rows[u8 + l][d];
-            }
-        }
+        for (; u8 + V <= n; u8 += V) rows_to_lanes<T>(rows.data() + u8, dim, dst + u8, ld);
         for (; u8 < n; ++u8)
             for (int64_t d = 0; d < dim; ++d) dst[d * ld + u8] = rows[u8][d];
     } else {
@@ -567,7 +550,7 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
 
 template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     if constexpr (FixedFwd<Cfg>::enabled) {
-        if (p.fixed && NATGEN_FIXED_ISA()) {
+        if (p.fixed) {
             fixed_tile<Cfg>(p, t, s);
             return;
         }
@@ -613,4 +596,3 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
 
 }  // namespace fwd
 
-}  // namespace natgen

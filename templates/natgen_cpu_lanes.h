@@ -1,18 +1,8 @@
 // natgen CPU kernels: the lane scheme the backward runs on. V neighbouring queries along the last axis side
 // by side in one vector: the lane kernels (scores, weighted sums, per-key accumulation), the tile's key
 // union gathered transposed per union row, lane groups with their window rows and masks, lane softmax.
-#pragma once
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-
-#include "natgen_cpu_plan.h"
-#include "natgen_cpu_simd.h"
-
-namespace natgen {
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 // ------------------------------------------------------------------------------------- lane kernels
 // The query side is vectorized: a vector holds V neighbouring queries along the last axis ("lanes"). Lane j's
@@ -250,22 +240,21 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
         int64_t token;
         const bool row_inside = union_row_token(a, t, g, ur, token);
         T* block = dst + ur * g.bs;
-        for (int64_t c8 = 0; c8 < g.row_len; c8 += 8) {
-            const T* r[8];
+        // V columns at a time (a union row's stride is whole cache lines, so never past it)
+        constexpr int V = VecTraits<T>::width;
+        for (int64_t c8 = 0; c8 < g.row_len; c8 += V) {
+            const T* r[V];
             bool empty = true;
-            for (int l = 0; l < 8; ++l) {
+            for (int l = 0; l < V; ++l) {
                 int64_t l2;
                 const bool inside = row_inside && union_column(t, g, c8 + l, l2);
                 r[l] = inside ? src + (base + (token + l2 * a.dilation[2]) * heads + t.hk) * dim : zeros;
                 empty &= !inside;
             }
             if (empty) {
-                for (int64_t d = 0; d < dim; ++d) std::memset(block + d * g.rs + c8, 0, 8 * sizeof(T));
-            } else if constexpr (sizeof(T) == 4) {
-                rows_to_lanes<T>(r, dim, block + c8, g.rs);
+                for (int64_t d = 0; d < dim; ++d) std::memset(block + d * g.rs + c8, 0, V * sizeof(T));
             } else {
-                for (int64_t d = 0; d < dim; ++d)
-                    for (int l = 0; l < 8; ++l) block[d * g.rs + c8 + l] = r[l][d];
+                rows_to_lanes<T>(r, dim, block + c8, g.rs);
             }
         }
     }
@@ -397,4 +386,3 @@ NATGEN_INLINE typename VecTraits<T>::type lane_exp(const T* __restrict sc, const
     return l;
 }
 
-}  // namespace natgen

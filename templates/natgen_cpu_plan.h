@@ -1,18 +1,8 @@
-// natgen CPU kernels: the work plan. Config (an instance's compile-time facts), the window rule in
+// natgen CPU kernels: the work plan. The window rule in
 // group-local coordinates, per-axis dilation groups with every query's window and every tile's key union,
 // the specialized forward's fixed layout, the per-thread scratch buffers sized from the plan, TileRef.
-#pragma once
-
-#include <algorithm>
-#include <cstdint>
-#include <new>
-#include <utility>
-#include <vector>
-
-#include "natgen_cpu_simd.h"
-// natgen::Args comes from the including instance (generated from codegen/abi.py), before any natgen header
-
-namespace natgen {
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 // The per-axis window rule (natgen.window.window_1d, runtime/window.py) in group-local coordinates (ii = i // D,
 // group length Lg).
@@ -31,17 +21,6 @@ NATGEN_INLINE void window_1d(int64_t ii, int64_t Lg, int64_t K, int64_t S, bool 
     }
 }
 
-// Compile-time facts of one instance; 0 means "runtime value" (the spec said "any").
-template <typename T_, int K0_, int K1_, int K2_, int HD_, bool C0_, bool C1_, bool C2_, int T0_, int T1_,
-          int T2_>
-struct Config {
-    typedef T_ T;
-    static constexpr int K[3] = {K0_, K1_, K2_};
-    static constexpr int HD = HD_;  // head_dim of q/k and of v (specialized instances need them equal)
-    static constexpr bool C[3] = {C0_, C1_, C2_};
-    static constexpr int TILE[3] = {T0_, T1_, T2_};
-};
-
 // Compile-time layout of the specialized forward (namespace fwd, fixed_tile): constant K and head_dim,
 // no causal axis. The tile's key union is gathered at fixed strides (ROWS0 x ROWS1 union rows of ROWLEN
 // columns), so every key a query reads sits at a compile-time offset from the query's window corner: the
@@ -49,7 +28,7 @@ struct Config {
 template <class Cfg> struct FixedFwd {
     typedef typename Cfg::T T;
     static constexpr int V = VecTraits<T>::width;
-    static constexpr bool enabled = Cfg::K[0] > 0 && Cfg::K[1] > 0 && Cfg::K[2] > 0 && Cfg::HD > 0 &&
+    static constexpr bool enabled = kFixedPaths && Cfg::K[0] > 0 && Cfg::K[1] > 0 && Cfg::K[2] > 0 && Cfg::HD > 0 &&
                                     Cfg::HD % V == 0 && !Cfg::C[0] && !Cfg::C[1] && !Cfg::C[2];
     static constexpr int K0 = enabled ? Cfg::K[0] : 1, K1 = enabled ? Cfg::K[1] : 1, K2 = enabled ? Cfg::K[2] : 1;
     static constexpr int HD = enabled ? Cfg::HD : V;
@@ -88,7 +67,39 @@ struct Plan {
     int64_t fwd_union[3], chunks, extra_padded, hdv_padded, fwd_capacity, max_segments;
     bool fixed;                // the specialized forward's fixed layout serves this problem (FixedFwd)
     int64_t fixed_keys;        // its key slots per tile (0 when it does not)
+    // backward bands (choose_bands): the unit's tiles along band_axis split into runs of band_tiles tiles
+    int band_axis = 0;
+    int64_t band_tiles = 1 << 30, bands = 1;
 };
+
+// Backward bands. A unit (batch, kv head, dilation groups) writes the key grads of its whole group, so where
+// those units are few (batch 1, one head: one unit; make_plan decides) the unit is split into bands
+// of band_tiles tiles along the first axis with three tiles or more. Band i's key grads (its tiles' key
+// unions) must end before band i + 2's begin, so all even bands run at once, then all odd ones, and no two
+// running bands write one key: the smallest band width with that property, checked on every group's tiles
+// (so borders, strides and causal windows need no rule of their own).
+inline void choose_bands(Plan& p) {
+    for (int d = 0; d < 3; ++d) {
+        int64_t tiles = 0;
+        for (const AxisGroup& ax : p.axes[d]) tiles = std::max<int64_t>(tiles, ax.tile_lo.size());
+        if (tiles < 3) continue;
+        for (int64_t bt = 1; 3 * bt <= tiles; ++bt) {
+            bool apart = true;
+            for (const AxisGroup& ax : p.axes[d]) {
+                const int64_t n = ax.tile_lo.size();
+                for (int64_t s = 0; apart && s + 2 * bt < n; s += bt)
+                    apart = ax.tile_hi[std::min(s + bt, n) - 1] <= ax.tile_lo[s + 2 * bt];
+            }
+            if (apart) {
+                p.band_axis = d;
+                p.band_tiles = bt;
+                p.bands = (tiles + bt - 1) / bt;
+                return;
+            }
+        }
+        return;  // the first axis with tiles enough decides; its windows are too wide for three bands
+    }
+}
 
 // Tiles of `tile` queries over the dilation groups of axis d.
 inline int64_t tiles_on_axis(const Args& a, int d, int64_t tile) {
@@ -119,10 +130,20 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
                 break;
             }
     }
-    // 2-D backward: tiles 4x taller on axis 1 (its unit is a whole dilation group, so a taller tile costs no
-    // parallelism): fewer gathers and key-grad flushes a query (cpu-2d 0.99 -> 0.94 ms, 14x14 x 16 heads
+    // backward: a tile is at least one lane group wide on the last axis (the fixed-shape kernels need
+    // exactly that width; 8-query tiles would leave half of AVX-512's 16 lanes empty)
+    if (!forward) p.tile[2] = std::min<int64_t>(std::max<int64_t>(Cfg::TILE[2], V), a.length[2]);
+    // whether the backward's units (batch x kv heads x dilation groups) are too few to keep a machine's
+    // threads busy: then it splits them into bands (choose_bands) instead of growing its tiles. Decided from
+    // the problem alone, not the thread count, so the gradients have the same bits for any thread count.
+    int64_t groups = 1;
+    for (int d = 0; d < 3; ++d) groups *= std::min(a.dilation[d], a.length[d]);
+    constexpr int64_t kBandBelow = 4;
+    const bool banded = !forward && a.batch * a.heads_kv * groups < kBandBelow;
+    // 2-D backward: tiles 4x taller on axis 1 (where its units alone keep the threads busy, a taller tile costs
+    // no parallelism): fewer gathers and key-grad flushes a query (cpu-2d 0.99 -> 0.94 ms, 14x14 x 16 heads
     // x batch 4 4.98 -> 4.50 ms)
-    if (!forward && Cfg::TILE[0] == 1 && Cfg::TILE[1] > 1)
+    if (!forward && !banded && Cfg::TILE[0] == 1 && Cfg::TILE[1] > 1)
         p.tile[1] = std::min<int64_t>(Cfg::TILE[1] * 4, a.length[1]);
     for (int d = 0; d < 3; ++d) {
         p.K[d] = Cfg::K[d] ? Cfg::K[d] : a.kernel[d];
@@ -170,6 +191,7 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     p.fixed = F::enabled && p.n_extra == 0 && !a.rpb && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
               p.fwd_union[1] <= F::ROWS1 && p.fwd_union[2] + F::CH * V - F::K2 <= F::ROWLEN;
     p.fixed_keys = p.fixed ? F::KEYS : 0;
+    if (banded) choose_bands(p);
     return p;
 }
 
@@ -265,4 +287,3 @@ struct TileRef {
     int tile[3];
 };
 
-}  // namespace natgen

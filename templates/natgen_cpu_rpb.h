@@ -1,9 +1,8 @@
 // natgen CPU kernels: the relative positional bias (rpb [heads, 2*K0-1, 2*K1-1, 2*K2-1], front-padded like
 // every per-axis field: a padded axis has K = 1, one entry). Kept apart from the forward and backward bodies:
 // they call it where their logits are formed.
-#pragma once
-
-namespace natgen {
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 // Adds the bias of one query (group-local coordinates `local`, tile t) to its window segments' scores, in the
 // order query_segments lays them out (window rows (a0, a1), then runs of up to V keys along the last axis).
@@ -34,10 +33,6 @@ NATGEN_INLINE void add_bias_segments(const Plan& p, const TileRef& t, const int6
         }
     }
 }
-
-}  // namespace natgen
-
-namespace natgen {
 
 // Entries of one head's bias table.
 inline int64_t rpb_entries(const Plan& p) { return (2 * p.K[0] - 1) * (2 * p.K[1] - 1) * (2 * p.K[2] - 1); }
@@ -94,7 +89,8 @@ NATGEN_INLINE void accumulate_bias_grads(const Plan& p, const TileRef& t, const 
 }
 
 // Backward driver: grad_rpb [heads][entries] as the sum of every unit's bias grads, in unit order (the same
-// result for any thread count). A unit is (batch, kv head, dilation groups); `groups` units per (batch, kv head).
+// result for any thread count). A unit is (batch, kv head, dilation groups, band); `groups` units per (batch, kv
+// head).
 template <typename T>
 inline void reduce_bias_grads(const Plan& p, const std::vector<T>& per_unit, int64_t units, int64_t groups) {
     const Args& a = *p.a;
@@ -109,4 +105,3 @@ inline void reduce_bias_grads(const Plan& p, const std::vector<T>& per_unit, int
     }
 }
 
-}  // namespace natgen

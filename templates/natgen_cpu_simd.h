@@ -1,28 +1,26 @@
-// natgen CPU kernels: vector math. 32-byte GCC vectors (VecTraits), unaligned loads and stores, in-register
-// transposes between rows and lanes, exp / exp2 / log2 (f32 at full vector width, f64 lane by lane through
-// libm), horizontal max and sum.
-#pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#include "natgen_cpu_target.h"
-
-namespace natgen {
+// natgen CPU kernels: vector math. GCC vectors of the variant's width (VecTraits: NATGEN_VEC_BYTES, 64 for
+// AVX-512, 32 otherwise), unaligned loads and stores, in-register transposes between rows and lanes (in
+// 8 x 8 blocks of 32-byte vectors, whatever the width), exp / exp2 / log2 (f32 at full vector width, f64 lane
+// by lane through libm), horizontal max and sum.
+// Part of the per-ISA variant body (natgen_cpu_variant.h): no include guard, no namespace of its own;
+// natgen_cpu.h includes it once per variant inside namespace natgen::<isa>.
 
 template <typename T> struct VecTraits;
 template <> struct VecTraits<float> {
-    typedef float type __attribute__((vector_size(32)));
-    typedef int32_t itype __attribute__((vector_size(32)));
-    static constexpr int width = 8;
+    typedef float type __attribute__((vector_size(NATGEN_VEC_BYTES)));
+    typedef int32_t itype __attribute__((vector_size(NATGEN_VEC_BYTES)));
+    static constexpr int width = NATGEN_VEC_BYTES / 4;
 };
 template <> struct VecTraits<double> {
-    typedef double type __attribute__((vector_size(32)));
-    typedef int64_t itype __attribute__((vector_size(32)));
-    static constexpr int width = 4;
+    typedef double type __attribute__((vector_size(NATGEN_VEC_BYTES)));
+    typedef int64_t itype __attribute__((vector_size(NATGEN_VEC_BYTES)));
+    static constexpr int width = NATGEN_VEC_BYTES / 8;
 };
+// 8 floats, whatever the variant's width: the transposes' blocks and the horizontal reductions' last steps
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef int32_t IVec8 __attribute__((vector_size(32)));
+// Whether this variant builds the specialized fixed-shape kernels (natgen_cpu_variant.h).
+constexpr bool kFixedPaths = NATGEN_FIXED_PATHS;
 
 // p rounded up to a cache line (buffers allocated with a line of slack)
 template <typename T> NATGEN_INLINE T* line_aligned(T* p) {
@@ -39,9 +37,9 @@ template <typename T> NATGEN_INLINE void store(T* p, typename VecTraits<T>::type
 
 // ------------------------------------------------------------------------------------- transposes
 // In-register transpose of an 8x8 float block: x[l] (row l) -> x[j] (column j).
-NATGEN_INLINE void transpose8(VecTraits<float>::type* x) {
-    typedef VecTraits<float>::type Vec;
-    typedef VecTraits<float>::itype IVec;
+NATGEN_INLINE void transpose8(Vec8* x) {
+    typedef Vec8 Vec;
+    typedef IVec8 IVec;
     Vec y[8];
     for (int l = 0; l < 8; l += 2) {  // unpacklo / unpackhi
         y[l] = __builtin_shuffle(x[l], x[l + 1], IVec{0, 8, 1, 9, 4, 12, 5, 13});
@@ -63,19 +61,20 @@ NATGEN_INLINE void transpose8(VecTraits<float>::type* x) {
     for (int j = 0; j < 8; ++j) x[j] = y[j];
 }
 
-// dst[d * ld + j] = r[j][d] for d < n, j < V: V rows side by side (a lane buffer when ld = V).
+// dst[d * ld + j] = r[j][d] for d < n, j < V: V rows side by side (a lane buffer when ld = V); f32 in 8 x 8
+// blocks transposed in registers.
 template <typename T>
 NATGEN_INLINE void rows_to_lanes(const T* const* r, int64_t n, T* __restrict dst, int64_t ld) {
     constexpr int V = VecTraits<T>::width;
     int64_t d = 0;
     if constexpr (sizeof(T) == 4) {
-        typedef typename VecTraits<T>::type Vec;
-        for (; d + 8 <= n; d += 8) {
-            Vec x[8];
-            for (int l = 0; l < 8; ++l) x[l] = load<T>(r[l] + d);
-            transpose8(x);
-            for (int j = 0; j < 8; ++j) store<T>(dst + (d + j) * ld, x[j]);
-        }
+        for (; d + 8 <= n; d += 8)
+            for (int j0 = 0; j0 < V; j0 += 8) {
+                Vec8 x[8];
+                for (int l = 0; l < 8; ++l) std::memcpy(&x[l], r[j0 + l] + d, sizeof(Vec8));
+                transpose8(x);
+                for (int j = 0; j < 8; ++j) std::memcpy(dst + (d + j) * ld + j0, &x[j], sizeof(Vec8));
+            }
     }
     for (; d < n; ++d)
         for (int j = 0; j < V; ++j) dst[d * ld + j] = r[j][d];
@@ -87,23 +86,23 @@ NATGEN_INLINE void lanes_to_rows(const T* __restrict src, int64_t n, T* const* r
     constexpr int V = VecTraits<T>::width;
     int64_t d = 0;
     if constexpr (sizeof(T) == 4) {
-        typedef typename VecTraits<T>::type Vec;
-        for (; d + 8 <= n; d += 8) {
-            Vec x[8];
-            for (int l = 0; l < 8; ++l) x[l] = load<T>(src + (d + l) * V);
-            transpose8(x);
-            for (int j = 0; j < 8; ++j) store<T>(r[j] + d, x[j]);
-        }
+        for (; d + 8 <= n; d += 8)
+            for (int j0 = 0; j0 < V; j0 += 8) {
+                Vec8 x[8];
+                for (int l = 0; l < 8; ++l) std::memcpy(&x[l], src + (d + l) * V + j0, sizeof(Vec8));
+                transpose8(x);
+                for (int j = 0; j < 8; ++j) std::memcpy(r[j0 + j] + d, &x[j], sizeof(Vec8));
+            }
     }
     for (; d < n; ++d)
         for (int j = 0; j < V; ++j) r[j][d] = src[d * V + j];
 }
 
 // exp for the softmax: Cephes' expf (range reduction by ln2 in two parts, degree-5 polynomial, ~1 ulp for
-// x <= 0) in vector arithmetic, so every clone gets it at full width; f64 goes lane by lane through std::exp.
+// x <= 0) in vector arithmetic, so every variant gets it at its full width; f64 goes lane by lane through std::exp.
 NATGEN_INLINE VecTraits<float>::type exp_vec(VecTraits<float>::type x) {
     typedef VecTraits<float>::type Vec;
-    typedef int32_t IVec __attribute__((vector_size(32)));
+    typedef VecTraits<float>::itype IVec;
     x = x < -87.0f ? Vec{} - 87.0f : x;
     x = x > 88.0f ? Vec{} + 88.0f : x;
     const Vec fx = x * 1.44269504088896341f + 0.5f;
@@ -187,8 +186,20 @@ template <typename Vec> NATGEN_INLINE auto hmax(Vec x) {
     for (int i = 1; i < int(sizeof(Vec) / sizeof(m)); ++i) m = std::max(m, x[i]);
     return m;
 }
-NATGEN_INLINE float hmax(VecTraits<float>::type x) {
-    typedef VecTraits<float>::itype IVec;
+// f32: the upper half of a 16-lane vector folded onto the lower, then three in-register steps on 8 lanes
+NATGEN_INLINE Vec8 fold8(VecTraits<float>::type x, bool max) {
+    Vec8 lo;
+    std::memcpy(&lo, &x, sizeof(lo));
+    if constexpr (VecTraits<float>::width == 16) {
+        Vec8 hi;
+        std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(hi), sizeof(hi));
+        lo = max ? (lo > hi ? lo : hi) : lo + hi;
+    }
+    return lo;
+}
+NATGEN_INLINE float hmax(VecTraits<float>::type v) {
+    typedef IVec8 IVec;
+    Vec8 x = fold8(v, true);
     x = x > __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3}) ? x : __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3});
     x = x > __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5}) ? x : __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5});
     x = x > __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6}) ? x : __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6});
@@ -199,12 +210,12 @@ template <typename Vec> NATGEN_INLINE auto hsum(Vec x) {
     for (int i = 1; i < int(sizeof(Vec) / sizeof(m)); ++i) m += x[i];
     return m;
 }
-NATGEN_INLINE float hsum(VecTraits<float>::type x) {
-    typedef VecTraits<float>::itype IVec;
+NATGEN_INLINE float hsum(VecTraits<float>::type v) {
+    typedef IVec8 IVec;
+    Vec8 x = fold8(v, false);
     x += __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3});
     x += __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5});
     x += __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6});
     return x[0];
 }
 
-}  // namespace natgen

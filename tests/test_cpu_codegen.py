@@ -61,7 +61,7 @@ def test_render_is_deterministic_and_complete(name):
     assert f'extern "C" NATGEN_EXPORT int {name}(' in text
     assert "DO NOT EDIT" in text.splitlines()[0] and spec.json_text() in text
     assert "{{" not in text and "None" not in text and "True" not in text and "False" not in text
-    run = "run_forward" if spec.op == "fwd" else "run_backward"
+    run = "dispatch<Cfg, true>" if spec.op == "fwd" else "dispatch<Cfg, false>"  # the forward / backward body
     assert run in text
 
 

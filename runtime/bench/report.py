@@ -110,6 +110,8 @@ def machine_description(device="cpu") -> str:
         parts.append(torch.cuda.get_device_name())
     else:
         import os
-        parts.append(f"{cpu_model() or 'CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+        from .. import cpu_isa
+        parts.append(f"{cpu_model() or 'CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                     f"natgen ISA variant {cpu_isa.current()}")
     parts.append(f"torch {torch.__version__}")
     return "; ".join(parts)

@@ -1,0 +1,109 @@
+"""The ISA variant the CPU kernels run: chosen once per process from the CPU's features, NATGEN_CPU_ISA
+overrides it.
+
+Every CPU module holds the kernel body once per variant (templates/natgen_cpu.h): `avx512` (AVX-512
+F/BW/VL/DQ + FMA, 16 fp32 lanes), `avx2` (AVX2 + FMA, 8 lanes) and `portable` (the baseline ISA, no
+specialized fixed-shape paths). The entry point takes the variant's code, its index in VARIANTS (the order of
+natgen_cpu_config.h's `Isa`), on every call, so `use` / `force` switch variants without reloading anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from typing import Optional, Tuple
+
+ENV = "NATGEN_CPU_ISA"
+VARIANTS = ("portable", "avx2", "avx512")  # code = index (natgen_cpu_config.h's Isa)
+# the CPU flags (as /proc/cpuinfo names them) each variant's instructions need
+NEEDS = {"portable": (), "avx2": ("avx2", "fma"),
+         "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")}
+_TORCH_CAPABILITY = {"AVX512": ("avx512", "avx2", "portable"), "AVX2": ("avx2", "portable")}
+
+_state = {"name": None, "code": None, "why": None}
+
+
+def _cpu_flags() -> Optional[set]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def supported() -> Tuple[str, ...]:
+    """The variants this CPU can run, best first."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ("portable",)  # the x86 variants are compiled only for x86-64 (natgen_cpu_target.h)
+    flags = _cpu_flags()
+    if flags is not None:
+        return tuple(name for name in reversed(VARIANTS) if all(flag in flags for flag in NEEDS[name]))
+    import torch  # no /proc/cpuinfo: torch's own dispatch level (it needs the same AVX-512 subsets)
+    return _TORCH_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), ("portable",))
+
+
+def check(name: str) -> str:
+    """`name` if this CPU can run that variant, else a ValueError naming NATGEN_CPU_ISA's rule."""
+    if name not in VARIANTS:
+        raise ValueError(f"{ENV}={name!r}: unknown CPU ISA variant; allowed values: {', '.join(reversed(VARIANTS))}")
+    have = supported()
+    if name not in have:
+        raise ValueError(f"{ENV}={name!r}: this CPU lacks the instructions of that variant (it needs "
+                         f"{', '.join(NEEDS[name])}); allowed values here: {', '.join(have)}")
+    return name
+
+
+def _choose() -> None:
+    wanted = os.environ.get(ENV, "").strip().lower()
+    if wanted:
+        name, why = check(wanted), f"{ENV}={wanted}"
+    else:
+        name = supported()[0]
+        why = "the best variant this CPU supports"
+    _state.update(name=name, code=VARIANTS.index(name), why=why)
+
+
+def current() -> str:
+    """The variant CPU calls run (decided at the first call, from NATGEN_CPU_ISA or the CPU's features)."""
+    if _state["name"] is None:
+        _choose()
+    return _state["name"]
+
+
+def code() -> int:
+    """The current variant's code, as the kernels' entry points take it."""
+    c = _state["code"]
+    if c is None:
+        current()
+        c = _state["code"]
+    return c
+
+
+def describe() -> str:
+    """One line naming the variant and why it was picked (explain, the backend's log, bench)."""
+    name = current()
+    lanes = {"avx512": 16, "avx2": 8, "portable": 8}[name]
+    return f"{name} ({lanes} fp32 lanes; {_state['why']}; supported here: {', '.join(supported())})"
+
+
+def force(name: Optional[str]) -> None:
+    """Run later CPU calls on variant `name` (checked against this CPU); None goes back to the automatic
+    choice (NATGEN_CPU_ISA or the CPU's features)."""
+    if name is None:
+        _state.update(name=None, code=None, why=None)
+        return
+    _state.update(name=check(name), code=VARIANTS.index(name), why="forced")
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """`with use("avx2"): ...` runs the CPU calls inside on that variant, then restores the previous one."""
+    saved = dict(_state)
+    force(name)
+    try:
+        yield
+    finally:
+        _state.update(saved)
