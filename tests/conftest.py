@@ -16,6 +16,11 @@ def emulator_wide() -> bool:
     return os.environ.get("NATGEN_EMU_WIDE", "") not in ("", "0")
 
 
+def cpu_wide() -> bool:
+    """NATGEN_CPU_WIDE=1: the CPU tier's extra specialized shapes (each one more pair of modules to compile)."""
+    return os.environ.get("NATGEN_CPU_WIDE", "") not in ("", "0")
+
+
 def emulator_tier_racecheck() -> str:
     """The op-level emulated tiers' racecheck: NATGEN_EMU_CHECKS=0 turns the checks off (to measure
     their cost), =global adds the tensors to racecheck; anything else: shared memory."""

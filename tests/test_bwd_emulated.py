@@ -134,7 +134,7 @@ def random_cases(count, seed, free=False):
 
 
 # NATGEN_EMULATED_BWD_SAMPLES sets the count; NATGEN_EMU_WIDE=1 samples 16, freely
-SAMPLES = int(os.environ.get("NATGEN_EMULATED_BWD_SAMPLES", "16" if emulator_wide() else "3"))
+SAMPLES = int(os.environ.get("NATGEN_EMULATED_BWD_SAMPLES", "16" if emulator_wide() else "1"))
 
 
 @pytest.mark.parametrize("case", list(random_cases(SAMPLES, 4321, free=emulator_wide())), ids=_case_id)

@@ -23,6 +23,7 @@ from natgen import cpu
 from natgen import cxx as cpu_build
 from natgen.problem import make_problem
 from oracle import assert_close_by_rule, assert_grads_close_by_rule
+from conftest import cpu_wide
 
 pytestmark = [pytest.mark.cpu,
               pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the cpu backend")]
@@ -85,7 +86,6 @@ FORWARD_CASES = _sweep(1, 5)
 GRAD_CASES = _sweep(2, 3)
 # the benchmark shape (specialized instance, K=7, head_dim 32) and a small specialized 3x3 one
 SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0, "f32", 32, 32),
-                     Case(2, (9, 11), (3, 3), (1, 2), (2, 1), (False, False), 2, "f32", 32, 32),
                      Case(1, (70,), (31,), (1,), (2,), (False,), 0, "f32", 64, 64),
                      # the specialized forward's fixed-stride layout (constant K and head_dim, no extra tokens):
                      # clamped borders, dilation groups, strides whose tiles split a stride group (key unions
@@ -95,12 +95,16 @@ SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0
                      Case(2, (20, 17), (7, 7), (2, 1), (1, 1), (False, False), 0, "f32", 64, 64),
                      Case(3, (9, 10, 11), (3, 3, 3), (1, 2, 1), (1, 1, 2), (False, False, False), 0, "f32", 32, 32,
                           batch=2),
-                     Case(1, (100,), (7,), (1,), (3,), (False,), 0, "bf16", 32, 32),
                      # enough units for the taller forward tiles of 2-D (up to 32 rows): a full and a partial
                      # tile of an odd row count, query pairs whose windows are clamped onto each other, and
                      # dilation groups of unequal length
                      Case(2, (45, 20), (7, 7), (1, 1), (1, 1), (False, False), 0, "f32", 32, 32, heads=4),
                      Case(2, (51, 16), (5, 5), (1, 1), (2, 1), (False, False), 0, "f32", 32, 32, heads=4)]
+# two more specialized shapes, each a further pair of modules to compile (NATGEN_CPU_WIDE=1): the 2-D 3x3
+# window with extra tokens, the 1-D K=7 instance with bf16 inputs and a stride
+if cpu_wide():
+    SPECIALIZED_CASES += [Case(2, (9, 11), (3, 3), (1, 2), (2, 1), (False, False), 2, "f32", 32, 32),
+                          Case(1, (100,), (7,), (1,), (3,), (False,), 0, "bf16", 32, 32)]
 # what the random sweep does not reach: windows longer than one vector along the last axis (several
 # segments per row, causal there too), head_dim_v over 64 (P.V in several register blocks), batch > 1,
 # and a mixed rank-3 causal mask; then several full 8-query lane groups per tile on the last axis
