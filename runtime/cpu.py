@@ -5,6 +5,10 @@ replaced by the compute type (f32 for f32/f16/bf16 inputs, f64 for f64); every v
 default library holds a K=any instance for every causal mask and compute type). The backward kernel is the
 forward entry's backward partner, loaded (compiled on first use) at the first backward call. Arguments are
 packed from the manifest's "cpu" ABI layout into one block per thread.
+
+A forward whose manifest entry lists the input dtype in its launch fact "inputs" (bf16 for the f32
+instances) reads q / k / v and writes out in that dtype itself (the ABI's input_dtype field); other dtypes,
+and the backward, get tensors converted to the compute type first.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .manifest import Instance
 from .packing import Layout
 from .problem import Problem
 from .registry import Backend, Resolved, register_backend
+from .spec import TORCH_DTYPE_TOKENS
 
 log = logging.getLogger("natgen.cpu")
 
@@ -55,7 +60,8 @@ class _Blocks:
     """Per-thread argument blocks of one (instance layout, problem): a call reads its block synchronously,
     and another Python thread has its own."""
 
-    def __init__(self, layout: Layout, problem: Problem):
+    def __init__(self, layout: Layout, problem: Problem, **values):
+        self.values = values  # scalar fields set here rather than from the problem (input_dtype)
         self.struct = layout.struct()
         self.count = len(layout.names)
         self.pointer_offset, self.pointer_struct = layout.pointer_struct()
@@ -73,6 +79,8 @@ class _Blocks:
             values = [0] * self.count
             for position, value in self.layout.scalars(self.problem, threads):
                 values[position] = value
+            for name, value in self.values.items():
+                values[self.layout.index(name)] = value
             data = bytearray(self.struct.pack(*values))
             view = (ctypes.c_char * len(data)).from_buffer(data)
             entry = blocks[threads] = (data, ctypes.addressof(view), view)
@@ -107,10 +115,16 @@ class CpuCall(Resolved):
         super().__init__("cpu", forward, backward)
         self.problem = problem
         self.dtype = compute_dtype(problem.dtype)
-        self.blocks = _Blocks(Layout(forward.layout, forward.name), problem)
+        layout = Layout(forward.layout, forward.name)
+        # the forward's input code: the kernel reads this dtype itself (0: tensors converted to self.dtype)
+        token = TORCH_DTYPE_TOKENS[str(problem.dtype).replace("torch.", "")]
+        self.input_code = 0 if problem.dtype == self.dtype else forward.launch.get("inputs", {}).get(token, 0)
+        self.input_dtype = problem.dtype if self.input_code else self.dtype
+        self.blocks = _Blocks(layout, problem, input_dtype=self.input_code)
+        self.backward_blocks = _Blocks(layout, problem) if self.input_code else self.blocks
         self._module = self._backward_module = None
         self.out_shape = (problem.batch, *problem.spatial, problem.heads, problem.head_dim_v)
-        if self.dtype == problem.dtype == torch.float32 and not problem.n_extra:
+        if self.input_dtype == problem.dtype and self.dtype == torch.float32 and not problem.n_extra:
             self.fast = self._first_fast  # the module loads (compiling on first use) at the first call
 
     @property
@@ -125,9 +139,10 @@ class CpuCall(Resolved):
         return self.fast(q, k, v) if self.fast is not None else None
 
     def _fast_runner(self):
-        """(q, k, v) -> (out, lse) for float32 calls without extra tokens, or None for tensors it cannot
-        pass as they are (not contiguous): the caller then takes forward()."""
-        dtype, out_shape, lse_shape = torch.float32, self.out_shape, self.out_shape[:-1]
+        """(q, k, v) -> (out, lse) for calls without extra tokens whose tensors the kernel reads as they are
+        (float32, or a dtype of its "inputs"), or None for tensors it cannot pass as they are (not contiguous):
+        the caller then takes forward()."""
+        dtype, out_shape, lse_shape = self.input_dtype, self.out_shape, self.out_shape[:-1]
         blocks, empty, get_threads = self.blocks, torch.empty, torch.get_num_threads
         call, fields = self.module.run, blocks.count
         offset, pack_into = blocks.pointer_offset, blocks.pointer_struct.pack_into
@@ -141,7 +156,7 @@ class CpuCall(Resolved):
             if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
                 return None
             entry = blocks.block(get_threads())
-            out, lse = empty(out_shape, dtype=dtype), empty(lse_shape, dtype=dtype)
+            out, lse = empty(out_shape, dtype=dtype), empty(lse_shape, dtype=torch.float32)
             pack_into(entry[0], offset, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                       lse.data_ptr(), *tail)
             call(entry[1], fields)
@@ -150,14 +165,15 @@ class CpuCall(Resolved):
         return run
 
     def forward(self, q, k, v, extra_k=None, extra_v=None, rpb=None):
-        problem, dtype = self.problem, self.dtype
-        q_, k_, v_, ek_, ev_, rpb_ = (_prepare(t, dtype) for t in (q, k, v, extra_k, extra_v, rpb))
-        out = torch.empty(self.out_shape, dtype=dtype)
+        problem, dtype, input_dtype = self.problem, self.dtype, self.input_dtype
+        q_, k_, v_, ek_, ev_ = (_prepare(t, input_dtype) for t in (q, k, v, extra_k, extra_v))
+        rpb_ = _prepare(rpb, dtype)
+        out = torch.empty(self.out_shape, dtype=input_dtype)
         lse = torch.empty(self.out_shape[:-1], dtype=dtype)
         address = self.blocks.pack(dict(q=q_, k=k_, v=v_, out=out, lse=lse, extra_k=ek_, extra_v=ev_, rpb=rpb_),
                                    torch.get_num_threads())
         self.module.run(address, self.blocks.count)
-        if dtype != problem.dtype:
+        if input_dtype != problem.dtype:
             out = out.to(problem.dtype)
         if dtype != torch.float32:
             lse = lse.to(torch.float32)
@@ -178,9 +194,9 @@ class CpuCall(Resolved):
         grads = {name: torch.empty_like(t) if t is not None else None
                  for name, t in (("grad_q", q_), ("grad_k", k_), ("grad_v", v_), ("grad_extra_k", ek_),
                                  ("grad_extra_v", ev_), ("grad_rpb", rpb_))}
-        address = self.blocks.pack(dict(q=q_, k=k_, v=v_, extra_k=ek_, extra_v=ev_, out=out_, grad_out=do_,
-                                        grad_lse=grad_lse_, lse=saved_lse, rpb=rpb_, **grads),
-                                   torch.get_num_threads())
+        tensors = dict(q=q_, k=k_, v=v_, extra_k=ek_, extra_v=ev_, out=out_, grad_out=do_, grad_lse=grad_lse_,
+                       lse=saved_lse, rpb=rpb_, **grads)
+        address = self.backward_blocks.pack(tensors, torch.get_num_threads())
         self._backward_module.run(address, self.blocks.count)
         originals = (q, k, v, extra_k, extra_v, rpb)
         return tuple(None if grad is None else grad if grad.dtype == original.dtype else grad.to(original.dtype)

@@ -182,6 +182,9 @@ class Kernel:
             what = "was built without" if status == 3 else "needs instructions this CPU lacks for"
             return (f"{self.name}: the module {what} ISA variant {cpu_isa.current()!r} (its variants: "
                     f"{', '.join(self.variants)}; set {cpu_isa.ENV} to one of them)")
+        if status == 5:
+            return (f"{self.name}: the kernel does not read the input_dtype code it was given (the manifest's "
+                    "launch fact 'inputs' lists those it reads); rebuild natgen")
         return f"{self.name}: the kernel raised a C++ exception (out of memory?)"
 
 

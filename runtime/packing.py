@@ -28,6 +28,7 @@ def scalar_values(problem: Problem, threads: int = 0) -> Dict[str, object]:
         "head_dim_v": problem.head_dim_v, "n_extra": problem.n_extra, "threads": threads,
         "scale": float(problem.scale), "scale_log2": float(problem.scale) * LOG2E, "write_lse": 1,
         "zero_masked": 0,  # the unfused CPU qk kind: its caller sets 1 for d attn (hidden slots 0, not -inf)
+        "input_dtype": 0,  # the CPU kernels' input element type: 0 the compute type (natgen.cpu sets others)
     }
     pad = AXES - problem.rank
     for field, attribute in _AXIS_SOURCES.items():

@@ -15,6 +15,11 @@ struct Config {
     static constexpr int TILE[3] = {T0_, T1_, T2_};
 };
 
+// bfloat16 storage (inputs only: the kernels compute in float): a float's high 16 bits.
+struct bf16 {
+    uint16_t bits;
+};
+
 // The ISA variant a call runs: its code is its index in runtime/cpu_isa.py's VARIANTS (the same order).
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kIsaCount = 3 };
 

@@ -104,12 +104,12 @@ template <class Cfg> NATGEN_INLINE Geometry geometry(const Plan& p, const TileRe
 
 // Gathers the tile's key union (+ extra tokens) of its key/value head from [batch, tokens, heads_kv, dim]
 // into `dst`, either transposed (dst[d*ld + u]) or row-major (dst[u*ld + d], rows padded with zeros to
-// `padded_dim`).
+// `padded_dim`), widening input elements of another type (In) to T.
 // Positions outside the axis (window slack, vector padding) read a zero row.
-template <typename T>
-NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, const T* src, const T* extra,
+template <typename T, typename In>
+NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, const In* src, const In* extra,
                           int64_t dim, int64_t padded_dim, bool transposed, T* dst, int64_t ld,
-                          std::vector<const T*>& rows, const T* zeros) {
+                          std::vector<const In*>& rows, const In* zeros) {
     const Args& a = *p.a;
     const int64_t heads = a.heads_kv;  // key/value rows: [batch, tokens, heads_kv, dim]
     const int64_t base = t.b * p.tokens * heads;
@@ -138,11 +138,11 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const Geometry& g, co
         int64_t u8 = 0;
         for (; u8 + V <= n; u8 += V) rows_to_lanes<T>(rows.data() + u8, dim, dst + u8, ld);
         for (; u8 < n; ++u8)
-            for (int64_t d = 0; d < dim; ++d) dst[d * ld + u8] = rows[u8][d];
+            for (int64_t d = 0; d < dim; ++d) dst[d * ld + u8] = widen(rows[u8][d]);
     } else {
         for (int64_t i = 0; i < n; ++i) {
             T* out = dst + i * ld;
-            std::memcpy(out, rows[i], dim * sizeof(T));
+            widen_row(rows[i], dim, out);
             for (int64_t d = dim; d < padded_dim; ++d) out[d] = T(0);
         }
     }
@@ -216,19 +216,19 @@ NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restri
 // kt[d * KEYS + slot] (keys transposed) and vu[slot * HD + d] (values row-major) for the union slots
 // slot = (u0 * ROWS1 + u1) * ROWLEN + u2. Key columns past the union read zeros; slots no query reads keep
 // whatever an earlier tile left (only masked score lanes read them; values there are never read).
-template <class Cfg>
+template <class Cfg, typename In>
 NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry& g, typename Cfg::T* __restrict kt,
-                                typename Cfg::T* __restrict vu, const typename Cfg::T* zeros) {
+                                typename Cfg::T* __restrict vu, const In* zeros) {
     typedef typename Cfg::T T;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
     const Args& a = *p.a;
-    const T* k = reinterpret_cast<const T*>(a.k);
-    const T* v = reinterpret_cast<const T*>(a.v);
+    const In* k = reinterpret_cast<const In*>(a.k);
+    const In* v = reinterpret_cast<const In*>(a.v);
     const int64_t heads = a.heads_kv, step = a.dilation[2] * heads;  // key/value rows
     const int64_t first2 = g.lo[2] * a.dilation[2] + t.ax[2]->group;
     const int64_t cols = g.extent[2];
-    const T* rows[F::ROWLEN];
+    const In* rows[F::ROWLEN];
     for (int64_t u2 = cols; u2 < F::ROWLEN; ++u2) rows[u2] = zeros;
     for (int64_t u0 = 0; u0 < g.extent[0]; ++u0) {
         const int64_t x0 = (g.lo[0] + u0) * a.dilation[0] + t.ax[0]->group;
@@ -239,7 +239,7 @@ NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry&
             for (int64_t u2 = 0; u2 < cols; ++u2) {
                 const int64_t row = (first + u2 * step) * F::HD;
                 rows[u2] = k + row;
-                std::memcpy(vu + (slot + u2) * F::HD, v + row, F::HD * sizeof(T));
+                widen_row(v + row, F::HD, vu + (slot + u2) * F::HD);
             }
             for (int64_t c = 0; c < cols; c += V) rows_to_lanes<T>(rows + c, F::HD, kt + slot + c, F::KEYS);
         }
@@ -454,21 +454,36 @@ NATGEN_FIXED_TARGET void fixed_softmax2(const typename Cfg::T* __restrict kb, co
     fixed_probs<Cfg>(sc + NS, scale2, prb, m2[1], l[1]);
 }
 
-template <class Cfg>
+// In: the element type of q, k, v and out (T, or bf16: widened as gathered, queries a row at a time into
+// qw, outputs through ow).
+template <class Cfg, typename In>
 NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef typename VecTraits<T>::itype IVec;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
+    constexpr bool same = std::is_same<T, In>::value;
     const Args& a = *p.a;
-    const T* q = reinterpret_cast<const T*>(a.q);
-    T* out = reinterpret_cast<T*>(a.out);
+    const In* q = reinterpret_cast<const In*>(a.q);
+    In* out = reinterpret_cast<In*>(a.out);
     T* lse = reinterpret_cast<T*>(a.lse);
     const Geometry g = geometry<Cfg>(p, t);
     T* kt = line_aligned(s.kt.data());
     T* vu = line_aligned(s.vu.data());
-    fixed_gather<Cfg>(p, t, g, kt, vu, s.zeros.data());
+    fixed_gather<Cfg, In>(p, t, g, kt, vu, zeros_of<In>(s));
+    alignas(64) T qw[2][2][F::HD], ow[2][2][F::HD];  // [row i][neighbour k]: widened queries, float outputs
+    // a query's row as T: the input itself, or widened into qw; an output's destination: out itself, or ow
+    auto query = [&](int i, int k, int64_t row) -> const T* {
+        if constexpr (same) return q + row * F::HD;
+        widen_row(q + row * F::HD, F::HD, qw[i][k]);
+        return qw[i][k];
+    };
+    auto output = [&](int i, int k, int64_t row) -> T* {
+        if constexpr (same) return out + row * F::HD;
+        (void)row;
+        return ow[i][k];
+    };
     T* sc = s.scores.data();
     T* pr = s.probs.data();
     const T scale2 = static_cast<T>(a.scale * 1.4426950408889634);  // log2(e)
@@ -502,21 +517,22 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
             T inv[2][2];
             for (int k = 0; k < n; ++k) {
                 const int64_t slot = l2 + k - lo[2];
+                const T* qk[2];
                 for (int i = 0; i < nr; ++i) {
                     row[i][k] = row01[i] + (l2 + k) * step2;
                     corner[i][k] = corner01[i] + t.ax[2]->start[l2 + k];
+                    qk[i] = query(i, k, row[i][k]);
                 }
                 T m2[2], l[2];
                 if (dv == 1)
-                    fixed_softmax2<Cfg, 1>(kt + corner[0][k], q + row[0][k] * F::HD, q + row[1][k] * F::HD, scale2, sc,
-                                           pr + k * NS, pr + (2 + k) * NS, m2, l);
+                    fixed_softmax2<Cfg, 1>(kt + corner[0][k], qk[0], qk[1], scale2, sc, pr + k * NS, pr + (2 + k) * NS,
+                                           m2, l);
                 else if (dv == 0)
-                    fixed_softmax2<Cfg, 0>(kt + corner[0][k], q + row[0][k] * F::HD, q + row[1][k] * F::HD, scale2, sc,
-                                           pr + k * NS, pr + (2 + k) * NS, m2, l);
+                    fixed_softmax2<Cfg, 0>(kt + corner[0][k], qk[0], qk[1], scale2, sc, pr + k * NS, pr + (2 + k) * NS,
+                                           m2, l);
                 else
                     for (int i = 0; i < nr; ++i)
-                        fixed_softmax<Cfg>(kt + corner[i][k], q + row[i][k] * F::HD, scale2, sc, pr + (2 * i + k) * NS,
-                                           m2[i], l[i]);
+                        fixed_softmax<Cfg>(kt + corner[i][k], qk[i], scale2, sc, pr + (2 * i + k) * NS, m2[i], l[i]);
                 for (int i = 0; i < nr; ++i) {
                     inv[i][k] = T(1) / l[i];
                     row_m2[i][slot] = m2[i];
@@ -527,14 +543,16 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 const T* pa = pr + 2 * i * NS;
                 const int64_t delta = n == 2 ? corner[i][1] - corner[i][0] : -1;
                 if (delta == 1)
-                    fixed_pv2<Cfg, 0, 1>(vu + corner[i][0] * F::HD, pa, pa + NS, out + row[i][0] * F::HD,
-                                         out + row[i][1] * F::HD, inv[i][0], inv[i][1]);
+                    fixed_pv2<Cfg, 0, 1>(vu + corner[i][0] * F::HD, pa, pa + NS, output(i, 0, row[i][0]),
+                                         output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
                 else if (delta == 0)
-                    fixed_pv2<Cfg, 0, 0>(vu + corner[i][0] * F::HD, pa, pa + NS, out + row[i][0] * F::HD,
-                                         out + row[i][1] * F::HD, inv[i][0], inv[i][1]);
+                    fixed_pv2<Cfg, 0, 0>(vu + corner[i][0] * F::HD, pa, pa + NS, output(i, 0, row[i][0]),
+                                         output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
                 else
                     for (int k = 0; k < n; ++k)
-                        fixed_pv<Cfg, 0>(vu + corner[i][k] * F::HD, pa + k * NS, out + row[i][k] * F::HD, inv[i][k]);
+                        fixed_pv<Cfg, 0>(vu + corner[i][k] * F::HD, pa + k * NS, output(i, k, row[i][k]), inv[i][k]);
+                if constexpr (!same)
+                    for (int k = 0; k < n; ++k) narrow_row(ow[i][k], F::HD, out + row[i][k] * F::HD);
             }
         }
         // log-sum-exp of the rows' queries, V at a time: ln2 * (m2 + log2(l))
@@ -548,24 +566,26 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     }
 }
 
-template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
+// In: the element type of q, k, v, extra tokens and out (T, or bf16 widened as read, out rounded as written).
+template <class Cfg, typename In>
+NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     if constexpr (FixedFwd<Cfg>::enabled) {
         if (p.fixed) {
-            fixed_tile<Cfg>(p, t, s);
+            fixed_tile<Cfg, In>(p, t, s);
             return;
         }
     }
     typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
     const Args& a = *p.a;
-    const T* q = reinterpret_cast<const T*>(a.q);
-    T* out = reinterpret_cast<T*>(a.out);
+    const In* q = reinterpret_cast<const In*>(a.q);
+    In* out = reinterpret_cast<In*>(a.out);
     T* lse = reinterpret_cast<T*>(a.lse);
     const Geometry g = geometry<Cfg>(p, t);
-    gather<T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, p.hd, true,
-              s.kt.data(), g.total, s.rows, s.zeros.data());
-    gather<T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv,
-              p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.rows, s.zeros.data());
+    gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.k), reinterpret_cast<const In*>(a.extra_k), p.hd, p.hd,
+                  true, s.kt.data(), g.total, rows_of<In>(s), zeros_of<In>(s));
+    gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.v), reinterpret_cast<const In*>(a.extra_v), p.hdv,
+                  p.hdv_padded, false, s.vu.data(), p.hdv_padded, rows_of<In>(s), zeros_of<In>(s));
     const T scale = static_cast<T>(a.scale);
     int64_t lo[3], hi[3], local[3];
     for (int d = 0; d < 3; ++d) {
@@ -580,16 +600,22 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
         const int64_t x2 = local[2] * a.dilation[2] + t.ax[2]->group;
         const int64_t row = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + x2) * a.heads + t.h;
         const int nseg = query_segments<Cfg>(p, t, g, local, s.bases.data(), s.valid.data());
-        dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, q + row * p.hd, p.hd,
-                                 s.scores.data());
+        const T* qr;
+        if constexpr (std::is_same<T, In>::value) {
+            qr = q + row * p.hd;
+        } else {
+            widen_row(q + row * p.hd, p.hd, s.qrow.data());
+            qr = s.qrow.data();
+        }
+        dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, qr, p.hd, s.scores.data());
         if (a.rpb) add_bias_segments<Cfg>(p, t, local, T(1) / scale, s.scores.data());
         T m, l;
         softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
         weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,
                          s.acc.data());
         const T inv = T(1) / l;
-        T* o = out + row * p.hdv;
-        for (int64_t d = 0; d < p.hdv; ++d) o[d] = s.acc[d] * inv;
+        In* o = out + row * p.hdv;
+        for (int64_t d = 0; d < p.hdv; ++d) narrow(s.acc[d] * inv, o + d);
         if (lse) lse[row] = m + std::log(l);
     }
 }

@@ -199,8 +199,10 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
 template <typename T> struct FwdScratch {
     std::vector<T> kt, vu, scores, probs, acc;
     std::vector<int> bases, valid;  // per segment: its first key, its real keys (lanes [0, valid))
-    std::vector<T> zeros;
+    std::vector<T> zeros, qrow;  // qrow: a widened query row (inputs of another type)
     std::vector<const T*> rows;
+    std::vector<bf16> zeros_bf16;  // the same for bf16 inputs
+    std::vector<const bf16*> rows_bf16;
     int64_t sized_for[5] = {-1, -1, -1, -1, -1};  // the capacities below were last sized for
     void reserve(const Plan& p) {
         constexpr int V = VecTraits<T>::width;
@@ -216,9 +218,22 @@ template <typename T> struct FwdScratch {
         valid.assign(p.max_segments, 0);
         bases.assign(p.max_segments, 0);
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
+        qrow.assign(p.hd, T(0));
         rows.assign(n, nullptr);
+        if (p.a->input_dtype == kInputBf16) {
+            zeros_bf16.assign(zeros.size(), bf16{0});
+            rows_bf16.assign(n, nullptr);
+        }
     }
 };
+
+// The gather's row pointers and zero row of an input type.
+template <typename In, typename T> NATGEN_INLINE std::vector<const In*>& rows_of(FwdScratch<T>& s) {
+    if constexpr (std::is_same<In, bf16>::value) return s.rows_bf16; else return s.rows;
+}
+template <typename In, typename T> NATGEN_INLINE const In* zeros_of(FwdScratch<T>& s) {
+    if constexpr (std::is_same<In, bf16>::value) return s.zeros_bf16.data(); else return s.zeros.data();
+}
 
 // Cache-line aligned storage for the backward's buffers: union rows (strides of whole lines) then start on a
 // line, so interior lane loads never straddle one, and no vector of a lane buffer does (malloc aligns to 16).

@@ -35,6 +35,73 @@ template <typename T> NATGEN_INLINE void store(T* p, typename VecTraits<T>::type
     std::memcpy(p, &v, sizeof(v));
 }
 
+// ------------------------------------------------------------------------------------- input types
+// A float forward may read bf16 q / k / v and write a bf16 out itself (Args::input_dtype): widening is exact
+// (bf16 is a float's high half), narrowing rounds to nearest even with NaN -> 0x7FC0, as torch's conversion
+// does, so a call has the bits of converting first.
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+NATGEN_INLINE float widen(float x) { return x; }
+NATGEN_INLINE double widen(double x) { return x; }
+NATGEN_INLINE float widen(bf16 x) {
+    const uint32_t b = uint32_t(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &b, sizeof(f));
+    return f;
+}
+NATGEN_INLINE void narrow(float x, float* out) { *out = x; }
+NATGEN_INLINE void narrow(double x, double* out) { *out = x; }
+NATGEN_INLINE void narrow(float x, bf16* out) {
+    uint32_t b;
+    std::memcpy(&b, &x, sizeof(b));
+    out->bits = x != x ? uint16_t(0x7FC0) : uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+// 8 elements as floats
+NATGEN_INLINE Vec8 load8(const float* p) {
+    Vec8 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+NATGEN_INLINE Vec8 load8(const bf16* p) {
+    U16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32x8 w = __builtin_convertvector(h, U32x8) << 16;
+    Vec8 v;
+    std::memcpy(&v, &w, sizeof(v));
+    return v;
+}
+// dst[0, n) = src[0, n) widened (a plain copy where the types agree)
+template <typename T, typename In> NATGEN_INLINE void widen_row(const In* __restrict src, int64_t n, T* __restrict dst) {
+    if constexpr (std::is_same<T, In>::value) {
+        std::memcpy(dst, src, n * sizeof(T));
+    } else {
+        int64_t d = 0;
+        for (; d + 8 <= n; d += 8) {
+            const Vec8 v = load8(src + d);
+            std::memcpy(dst + d, &v, sizeof(v));
+        }
+        for (; d < n; ++d) dst[d] = widen(src[d]);
+    }
+}
+// dst[0, n) = src[0, n) narrowed to Out
+template <typename T, typename Out> NATGEN_INLINE void narrow_row(const T* __restrict src, int64_t n, Out* __restrict dst) {
+    if constexpr (std::is_same<T, Out>::value) {
+        std::memcpy(dst, src, n * sizeof(T));
+    } else {
+        int64_t d = 0;
+        for (; d + 8 <= n; d += 8) {
+            const Vec8 x = load8(src + d);
+            U32x8 b;
+            std::memcpy(&b, &x, sizeof(b));
+            const U32x8 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+            const U32x8 nan = (U32x8)(x != x);
+            const U16x8 h = __builtin_convertvector((r & ~nan) | (nan & 0x7FC0u), U16x8);
+            std::memcpy(dst + d, &h, sizeof(h));
+        }
+        for (; d < n; ++d) narrow(src[d], dst + d);
+    }
+}
+
 // ------------------------------------------------------------------------------------- transposes
 // In-register transpose of an 8x8 float block: x[l] (row l) -> x[j] (column j).
 NATGEN_INLINE void transpose8(Vec8* x) {
@@ -63,21 +130,22 @@ NATGEN_INLINE void transpose8(Vec8* x) {
 
 // dst[d * ld + j] = r[j][d] for d < n, j < V: V rows side by side (a lane buffer when ld = V); f32 in 8 x 8
 // blocks transposed in registers.
-template <typename T>
-NATGEN_INLINE void rows_to_lanes(const T* const* r, int64_t n, T* __restrict dst, int64_t ld) {
+// Rows of another input type (bf16) are widened as they load.
+template <typename T, typename In = T>
+NATGEN_INLINE void rows_to_lanes(const In* const* r, int64_t n, T* __restrict dst, int64_t ld) {
     constexpr int V = VecTraits<T>::width;
     int64_t d = 0;
     if constexpr (sizeof(T) == 4) {
         for (; d + 8 <= n; d += 8)
             for (int j0 = 0; j0 < V; j0 += 8) {
                 Vec8 x[8];
-                for (int l = 0; l < 8; ++l) std::memcpy(&x[l], r[j0 + l] + d, sizeof(Vec8));
+                for (int l = 0; l < 8; ++l) x[l] = load8(r[j0 + l] + d);
                 transpose8(x);
                 for (int j = 0; j < 8; ++j) std::memcpy(dst + (d + j) * ld + j0, &x[j], sizeof(Vec8));
             }
     }
     for (; d < n; ++d)
-        for (int j = 0; j < V; ++j) dst[d * ld + j] = r[j][d];
+        for (int j = 0; j < V; ++j) dst[d * ld + j] = widen(r[j][d]);
 }
 
 // r[j][d] = src[d * V + j] for d < n, j < V (the inverse of rows_to_lanes).

@@ -39,6 +39,11 @@ DEFAULT_SPECIALIZED = {
     3: [(3, 32), (7, 32)],
 }
 FULL_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
+# Input element types an f32-compute forward reads and writes itself (q, k, v, extra tokens in, out back),
+# by the code the runtime passes in the ABI's input_dtype field (0: the compute type). The kernels widen
+# while they gather (bf16 is a float's high half: exact) and round the output to nearest even, so a call gets
+# the bits of converting first, without the conversion passes. Rendered into each source and the manifest.
+INPUT_TYPES = {"bf16": 1}
 FULL_HEAD_DIMS = (32, 64, 128)
 
 
@@ -75,6 +80,8 @@ def launch(spec: KernelSpec) -> dict:
         # a relative positional bias: added on the forward's per-query path and the backward's lane-group path
         # (the fixed-layout paths do not take one), its grads summed per work unit, reduced in unit order
         "rpb": True,
+        # input_dtype codes this instance reads directly (forward, f32 compute); others convert first
+        "inputs": dict(INPUT_TYPES) if spec.op == "fwd" and spec.dtype == "f32" else {},
     }
 
 
@@ -110,6 +117,8 @@ def context(spec: KernelSpec) -> dict:
         "op_function": "forward" if spec.op == "fwd" else "backward",
         "spec_json": spec.json_text(),
         "args_struct": abi.cpp_struct(ABI),
+        "input_types": "".join(f"constexpr int64_t kInput{name.capitalize()} = {code};\n"
+                               for name, code in INPUT_TYPES.items()),
         "description": f"rank-{spec.rank} {what}, {window}, {spec.dtype} compute, "
                        f"{math.prod(spec.tile)} queries per task",
     }

@@ -1,0 +1,150 @@
+"""bf16 inputs read by the CPU forward itself (the ABI's input_dtype field, the manifest's launch fact "inputs").
+
+The f32 forward instances widen bf16 q / k / v (and extra tokens) while they gather and round out to bf16 as
+they write it, instead of the runtime converting every tensor first. Widening is exact and the rounding is
+torch's (nearest even), so the output must have exactly the bits of converting first and running the float32
+kernel on the same ISA variant: that is checked bit for bit on the fixed-shape and the generic paths, and the
+result against the independent float64 oracle by the semantics doc's rule. Every variant this CPU supports
+runs; the rest are skipped with the reason.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import natgen
+from natgen import cpu, cpu_isa, cxx
+from natgen.manifest import load as load_manifest
+from oracle import assert_close_by_rule, assert_grads_close_by_rule
+
+pytestmark = [pytest.mark.cpu,
+              pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the cpu backend")]
+
+OPS = {1: natgen.na1d, 2: natgen.na2d, 3: natgen.na3d}
+SUPPORTED = cpu_isa.supported()
+VARIANTS = [pytest.param(name, marks=pytest.mark.skipif(
+    name not in SUPPORTED, reason=f"this CPU lacks {name} ({', '.join(cpu_isa.NEEDS[name])})"))
+    for name in reversed(cpu_isa.VARIANTS)]
+
+# (spatial, kernel, stride, dilation, causal, heads, heads_kv, head_dim, rpb, extra tokens)
+CASES = {
+    # the fixed-shape 7x7 h32 forward: interior and border query blocks, an odd tile edge
+    "fixed_2d": ((37, 35), 7, 1, 1, False, 2, 2, 32, False, 0),
+    # the generic paths: causal, dilated, strided, 1-D and 3-D, grouped heads, a bias, extra tokens
+    "any_2d_causal_dilated": ((19, 23), (5, 3), (1, 2), (2, 1), (True, False), 2, 2, 8, False, 0),
+    "any_1d_strided": ((45,), 6, 4, 1, False, 2, 1, 12, False, 0),
+    "any_3d_causal": ((6, 7, 9), 3, 1, 1, True, 1, 1, 8, False, 0),
+    "rpb_2d": ((17, 20), 5, 1, 1, False, 2, 2, 16, True, 0),
+    "extra_1d": ((30,), 5, 1, 2, False, 2, 2, 16, False, 3),
+}
+
+
+def _inputs(name, seed=0):
+    spatial, kernel, stride, dilation, causal, heads, heads_kv, head_dim, rpb, n_extra = CASES[name]
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (2 * torch.randn(*shape, generator=generator)).to(torch.bfloat16)
+
+    q = randn(1, *spatial, heads, head_dim)
+    k, v = randn(1, *spatial, heads_kv, head_dim), randn(1, *spatial, heads_kv, head_dim)
+    ks = (kernel,) * len(spatial) if isinstance(kernel, int) else kernel
+    params = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
+    if rpb:
+        params["rpb"] = randn(heads, *(2 * K - 1 for K in ks))
+    if n_extra:
+        params["additional_keys"] = randn(1, n_extra, heads_kv, head_dim)
+        params["additional_values"] = randn(1, n_extra, heads_kv, head_dim)
+    return OPS[len(spatial)], q, k, v, params
+
+
+def _as_float(params):
+    return {key: value.float() if isinstance(value, torch.Tensor) else value for key, value in params.items()}
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_forward_has_the_bits_of_converting_first(isa, name):
+    op, q, k, v, params = _inputs(name)
+    with cpu_isa.use(isa):
+        out, lse = op(q, k, v, **params, return_lse=True, backend="cpu")
+        ref_out, ref_lse = op(q.float(), k.float(), v.float(), **_as_float(params), return_lse=True, backend="cpu")
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.equal(out.view(torch.int16), ref_out.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(lse, ref_lse)
+    assert_close_by_rule(out, q, k, v, lse, **params)
+
+
+@pytest.mark.parametrize("name", ["fixed_2d", "any_2d_causal_dilated"])
+def test_bf16_gradients_through_the_direct_forward_match_the_oracle(name):
+    op, q, k, v, params = _inputs(name, seed=1)
+    assert_grads_close_by_rule(lambda **t: op(**t, **params, backend="cpu"), q, k, v, **params)
+
+
+def test_the_rounding_is_torchs_on_ties_infinities_and_nan():
+    """Outputs exactly between two bf16 numbers, and non-finite ones, round as torch rounds them."""
+    # causal K=2 with q = 0: query i > 0 averages keys i-1 and i with equal weights, out = (a + b) / 2 exactly;
+    # rows alternate a, b per channel, so every out row past the first is that channel's mean
+    pairs = [(1.0, 1.0 + 2 ** -7), (1.0 + 2 ** -7, 1.0 + 2 ** -6), (-2.0, -(2.0 + 2 ** -6)), (2.0 ** 15, 2.0 ** 15 + 2 ** 8),
+             (float("inf"), 1.0), (float("nan"), 1.0), (3.0e38, 3.0e38), (1e-39, 0.0)]
+    a = torch.tensor([x for x, _ in pairs]).to(torch.bfloat16)
+    b = torch.tensor([y for _, y in pairs]).to(torch.bfloat16)
+    v = torch.stack([a if i % 2 == 0 else b for i in range(16)]).reshape(1, 16, 1, 8)
+    q = torch.zeros(1, 16, 1, 8, dtype=torch.bfloat16)
+    ref = natgen.na1d(q.float(), q.float(), v.float(), 2, is_causal=True, backend="cpu")
+    bits = ref[0, 1:, 0, :4].view(torch.int32) & 0xFFFF
+    assert torch.all(bits == 0x8000), "the first four channels must be exact ties"
+    direct = natgen.na1d(q, q, v, 2, is_causal=True, backend="cpu")
+    expected = ref.to(torch.bfloat16)
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(direct), nan) and nan.any()
+    assert torch.equal(direct.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+    assert torch.isinf(direct).any()
+
+
+def test_the_manifest_says_which_instances_read_bf16():
+    """The f32 forward instances read bf16; backward and f64 instances read their compute type only."""
+    instances = [i for i in load_manifest() if i.spec.family == "cpu"]
+    assert instances
+    for instance in instances:
+        reads = instance.launch.get("inputs")
+        if instance.spec.op == "fwd" and instance.spec.dtype == "f32":
+            assert reads == {"bf16": 1}, instance.name
+        else:
+            assert reads == {}, instance.name
+
+
+def test_bf16_calls_pass_bf16_and_f16_calls_convert():
+    q = torch.randn(1, 12, 12, 2, 16, dtype=torch.bfloat16)
+    bf16_call = natgen.ops.resolve(2, q, q, q, 5, backend="cpu")[1]
+    assert (bf16_call.input_code, bf16_call.input_dtype) == (1, torch.bfloat16)
+    h = q.to(torch.float16)
+    f16_call = natgen.ops.resolve(2, h, h, h, 5, backend="cpu")[1]
+    assert (f16_call.input_code, f16_call.input_dtype) == (0, torch.float32)
+
+
+@pytest.mark.parametrize("which, code", [("backward", 1), ("forward", 7)])
+def test_an_input_code_a_kernel_does_not_read_is_refused(which, code):
+    q = torch.randn(1, 12, 12, 2, 16, dtype=torch.bfloat16)
+    call = natgen.ops.resolve(2, q, q, q, 5, backend="cpu")[1]
+    instance = call.backward_instance if which == "backward" else call.instance
+    blocks = cpu._Blocks(cpu.Layout(instance.layout, instance.name), call.problem, input_dtype=code)
+    with pytest.raises(RuntimeError, match="does not read the input_dtype code"):
+        cxx.load(instance).run(blocks.block(1)[1], blocks.count)  # refused before any pointer is read
+
+
+def test_the_fixed_forward_rounds_non_finite_outputs_as_torch():
+    """The fixed-shape forward narrows 8 outputs at a time: NaN and infinite outputs come out as torch's."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 16, 16, 1, 32, generator=generator).to(torch.bfloat16)
+    v = torch.randn(1, 16, 16, 1, 32, generator=generator)
+    v[0, 2, 3, 0, 5], v[0, 12, 12, 0, 9], v[0, 8, 1, 0, 30] = float("nan"), float("inf"), -float("inf")
+    v = v.to(torch.bfloat16)
+    call = natgen.ops.resolve(2, q, q, v, 7, backend="cpu")[1]
+    assert "_k7x7_" in call.instance.name  # the fixed-shape instance
+    direct = natgen.na2d(q, q, v, 7, backend="cpu")
+    expected = natgen.na2d(q.float(), q.float(), v.float(), 7, backend="cpu").to(torch.bfloat16)
+    nan = torch.isnan(expected)
+    assert nan.any() and torch.isinf(expected).any()
+    assert torch.equal(torch.isnan(direct), nan)
+    assert torch.equal(direct.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
