@@ -84,7 +84,8 @@ def test_args_layout_matches_the_generated_struct():
         layout = instance.layout["fields"]
         assert fields == [f["name"] for f in layout], instance.name
         assert kinds == ["double" if f["type"] == "f64" else "int64_t" for f in layout], instance.name
-    assert len(fields) == 39  # 16 pointers (rpb, grad_rpb among them), 8 counts (heads_kv among them), 5 x 3 per-axis, scale
+    # 16 pointers (rpb, grad_rpb among them), 8 counts (heads_kv among them), 5 x 3 per-axis, scale, input_dtype
+    assert len(fields) == 40
 
 
 def test_cache_key_hashes_every_header_an_instance_includes():
