@@ -566,6 +566,22 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     }
 }
 
+// One query of the per-query forward: scores of its nseg segments (+ bias), softmax (m, l), the unnormalized
+// P.V into s.acc. Out of line and independent of the input type: one copy serves every forward_tile.
+template <class Cfg>
+NATGEN_FIXED_TARGET void query_softmax_pv(const Plan& p, const TileRef& t, const Geometry& g, const int64_t* local,
+                                          int nseg, const typename Cfg::T* qr, FwdScratch<typename Cfg::T>& s,
+                                          typename Cfg::T& m, typename Cfg::T& l) {
+    typedef typename Cfg::T T;
+    constexpr int V = VecTraits<T>::width;
+    const T scale = static_cast<T>(p.a->scale);
+    dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, qr, p.hd, s.scores.data());
+    if (p.a->rpb) add_bias_segments<Cfg>(p, t, local, T(1) / scale, s.scores.data());
+    softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
+    weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,
+                     s.acc.data());
+}
+
 // In: the element type of q, k, v, extra tokens and out (T, or bf16 widened as read, out rounded as written).
 template <class Cfg, typename In>
 NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
@@ -607,12 +623,8 @@ NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<type
             widen_row(q + row * p.hd, p.hd, s.qrow.data());
             qr = s.qrow.data();
         }
-        dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, qr, p.hd, s.scores.data());
-        if (a.rpb) add_bias_segments<Cfg>(p, t, local, T(1) / scale, s.scores.data());
         T m, l;
-        softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
-        weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,
-                         s.acc.data());
+        query_softmax_pv<Cfg>(p, t, g, local, nseg, qr, s, m, l);
         const T inv = T(1) / l;
         In* o = out + row * p.hdv;
         for (int64_t d = 0; d < p.hdv; ++d) narrow(s.acc[d] * inv, o + d);
