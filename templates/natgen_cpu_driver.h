@@ -10,8 +10,7 @@ inline int64_t items_count(const Plan& p) {
 }
 
 // forward units: (batch, head, tile of every axis); each writes only its own queries
-template <class Cfg, typename In>
-NATGEN_INLINE void forward_unit(const Plan& p, int64_t unit, Scratch<typename Cfg::T>& s) {
+template <class Cfg> NATGEN_INLINE void forward_unit(const Plan& p, int64_t unit, Scratch<typename Cfg::T>& s) {
     TileRef t;
     const int64_t n2 = p.items[2].size(), n1 = p.items[1].size(), n0 = p.items[0].size();
     int64_t r = unit;
@@ -26,7 +25,7 @@ NATGEN_INLINE void forward_unit(const Plan& p, int64_t unit, Scratch<typename Cf
         t.ax[d] = &p.axes[d][items[d]->first];
         t.tile[d] = items[d]->second;
     }
-    fwd::forward_tile<Cfg, In>(p, t, s.fwd);
+    fwd::forward_tile<Cfg>(p, t, s.fwd);
 }
 
 // backward units: (batch, key/value head, group of every axis, band), tiles in order; the unit runs every query
@@ -102,7 +101,7 @@ template <class Body> void parallel_units(int64_t threads, int64_t units, Body b
     work(omp_get_thread_num());
 }
 
-template <class Cfg, typename In> void run_forward_as(const Args& a) {
+template <class Cfg> void run_forward(const Args& a) {
     typedef typename Cfg::T T;
     const Plan p = make_plan<Cfg>(a, true);
     const int64_t units = a.batch * a.heads * items_count(p);
@@ -112,15 +111,8 @@ template <class Cfg, typename In> void run_forward_as(const Args& a) {
         // 2 threads. A buffer's stale contents are what an earlier tile of the same call would have left.
         static thread_local Scratch<T> scratch;
         scratch.reserve(p, false);
-        forward_unit<Cfg, In>(p, unit, scratch);
+        forward_unit<Cfg>(p, unit, scratch);
     });
-}
-
-// The input type: the compute type, or bf16 for a float instance (dispatch has checked the code).
-template <class Cfg> void run_forward(const Args& a) {
-    if constexpr (std::is_same<typename Cfg::T, float>::value)
-        if (a.input_dtype == kInputBf16) return run_forward_as<Cfg, bf16>(a);
-    run_forward_as<Cfg, typename Cfg::T>(a);
 }
 
 template <class Cfg> void run_backward(const Args& a) {

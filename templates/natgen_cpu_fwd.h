@@ -454,36 +454,38 @@ NATGEN_FIXED_TARGET void fixed_softmax2(const typename Cfg::T* __restrict kb, co
     fixed_probs<Cfg>(sc + NS, scale2, prb, m2[1], l[1]);
 }
 
-// In: the element type of q, k, v and out (T, or bf16: widened as gathered, queries a row at a time into
-// qw, outputs through ow).
-template <class Cfg, typename In>
+// bf16 inputs (Args::input_dtype) are widened as gathered, queries a row at a time into qw, outputs written
+// through ow; the input type is a runtime branch here (only the gathers are instantiated per type), so the
+// module's compile time barely grows.
+template <class Cfg>
 NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef typename VecTraits<T>::itype IVec;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
-    constexpr bool same = std::is_same<T, In>::value;
     const Args& a = *p.a;
-    const In* q = reinterpret_cast<const In*>(a.q);
-    In* out = reinterpret_cast<In*>(a.out);
+    const bool bf = reads_bf16<T>(a);
+    const T* q = reinterpret_cast<const T*>(a.q);
+    T* out = reinterpret_cast<T*>(a.out);
+    const bf16* qb = reinterpret_cast<const bf16*>(a.q);
+    bf16* outb = reinterpret_cast<bf16*>(a.out);
     T* lse = reinterpret_cast<T*>(a.lse);
     const Geometry g = geometry<Cfg>(p, t);
     T* kt = line_aligned(s.kt.data());
     T* vu = line_aligned(s.vu.data());
-    fixed_gather<Cfg, In>(p, t, g, kt, vu, zeros_of<In>(s));
+    if (bf)
+        fixed_gather<Cfg, bf16>(p, t, g, kt, vu, s.zeros_bf16.data());
+    else
+        fixed_gather<Cfg, T>(p, t, g, kt, vu, s.zeros.data());
     alignas(64) T qw[2][2][F::HD], ow[2][2][F::HD];  // [row i][neighbour k]: widened queries, float outputs
     // a query's row as T: the input itself, or widened into qw; an output's destination: out itself, or ow
     auto query = [&](int i, int k, int64_t row) -> const T* {
-        if constexpr (same) return q + row * F::HD;
-        widen_row(q + row * F::HD, F::HD, qw[i][k]);
+        if (!bf) return q + row * F::HD;
+        widen_row(qb + row * F::HD, F::HD, qw[i][k]);
         return qw[i][k];
     };
-    auto output = [&](int i, int k, int64_t row) -> T* {
-        if constexpr (same) return out + row * F::HD;
-        (void)row;
-        return ow[i][k];
-    };
+    auto output = [&](int i, int k, int64_t row) -> T* { return bf ? ow[i][k] : out + row * F::HD; };
     T* sc = s.scores.data();
     T* pr = s.probs.data();
     const T scale2 = static_cast<T>(a.scale * 1.4426950408889634);  // log2(e)
@@ -551,8 +553,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 else
                     for (int k = 0; k < n; ++k)
                         fixed_pv<Cfg, 0>(vu + corner[i][k] * F::HD, pa + k * NS, output(i, k, row[i][k]), inv[i][k]);
-                if constexpr (!same)
-                    for (int k = 0; k < n; ++k) narrow_row(ow[i][k], F::HD, out + row[i][k] * F::HD);
+                if (bf)
+                    for (int k = 0; k < n; ++k) narrow_row(ow[i][k], F::HD, outb + row[i][k] * F::HD);
             }
         }
         // log-sum-exp of the rows' queries, V at a time: ln2 * (m2 + log2(l))
@@ -566,42 +568,31 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     }
 }
 
-// One query of the per-query forward: scores of its nseg segments (+ bias), softmax (m, l), the unnormalized
-// P.V into s.acc. Out of line and independent of the input type: one copy serves every forward_tile.
-template <class Cfg>
-NATGEN_FIXED_TARGET void query_softmax_pv(const Plan& p, const TileRef& t, const Geometry& g, const int64_t* local,
-                                          int nseg, const typename Cfg::T* qr, FwdScratch<typename Cfg::T>& s,
-                                          typename Cfg::T& m, typename Cfg::T& l) {
-    typedef typename Cfg::T T;
-    constexpr int V = VecTraits<T>::width;
-    const T scale = static_cast<T>(p.a->scale);
-    dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, qr, p.hd, s.scores.data());
-    if (p.a->rpb) add_bias_segments<Cfg>(p, t, local, T(1) / scale, s.scores.data());
-    softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
-    weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,
-                     s.acc.data());
-}
-
-// In: the element type of q, k, v, extra tokens and out (T, or bf16 widened as read, out rounded as written).
-template <class Cfg, typename In>
-NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
+// bf16 inputs (Args::input_dtype: q, k, v, extra tokens) are widened as read, out rounded as written.
+template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     if constexpr (FixedFwd<Cfg>::enabled) {
         if (p.fixed) {
-            fixed_tile<Cfg, In>(p, t, s);
+            fixed_tile<Cfg>(p, t, s);
             return;
         }
     }
     typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
     const Args& a = *p.a;
-    const In* q = reinterpret_cast<const In*>(a.q);
-    In* out = reinterpret_cast<In*>(a.out);
+    const bool bf = reads_bf16<T>(a);
     T* lse = reinterpret_cast<T*>(a.lse);
     const Geometry g = geometry<Cfg>(p, t);
-    gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.k), reinterpret_cast<const In*>(a.extra_k), p.hd, p.hd,
-                  true, s.kt.data(), g.total, rows_of<In>(s), zeros_of<In>(s));
-    gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.v), reinterpret_cast<const In*>(a.extra_v), p.hdv,
-                  p.hdv_padded, false, s.vu.data(), p.hdv_padded, rows_of<In>(s), zeros_of<In>(s));
+    if (bf) {
+        gather<T, bf16>(p, t, g, reinterpret_cast<const bf16*>(a.k), reinterpret_cast<const bf16*>(a.extra_k), p.hd,
+                        p.hd, true, s.kt.data(), g.total, s.rows_bf16, s.zeros_bf16.data());
+        gather<T, bf16>(p, t, g, reinterpret_cast<const bf16*>(a.v), reinterpret_cast<const bf16*>(a.extra_v), p.hdv,
+                        p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.rows_bf16, s.zeros_bf16.data());
+    } else {
+        gather<T, T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, p.hd,
+                     true, s.kt.data(), g.total, s.rows, s.zeros.data());
+        gather<T, T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv,
+                     p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.rows, s.zeros.data());
+    }
     const T scale = static_cast<T>(a.scale);
     int64_t lo[3], hi[3], local[3];
     for (int d = 0; d < 3; ++d) {
@@ -616,18 +607,25 @@ NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<type
         const int64_t x2 = local[2] * a.dilation[2] + t.ax[2]->group;
         const int64_t row = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + x2) * a.heads + t.h;
         const int nseg = query_segments<Cfg>(p, t, g, local, s.bases.data(), s.valid.data());
-        const T* qr;
-        if constexpr (std::is_same<T, In>::value) {
-            qr = q + row * p.hd;
-        } else {
-            widen_row(q + row * p.hd, p.hd, s.qrow.data());
+        const T* qr = reinterpret_cast<const T*>(a.q) + row * p.hd;
+        if (bf) {
+            widen_row(reinterpret_cast<const bf16*>(a.q) + row * p.hd, p.hd, s.qrow.data());
             qr = s.qrow.data();
         }
+        dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, qr, p.hd, s.scores.data());
+        if (a.rpb) add_bias_segments<Cfg>(p, t, local, T(1) / scale, s.scores.data());
         T m, l;
-        query_softmax_pv<Cfg>(p, t, g, local, nseg, qr, s, m, l);
+        softmax_slots<T>(s.scores.data(), s.valid.data(), nseg, scale, s.probs.data(), m, l);
+        weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,
+                         s.acc.data());
         const T inv = T(1) / l;
-        In* o = out + row * p.hdv;
-        for (int64_t d = 0; d < p.hdv; ++d) narrow(s.acc[d] * inv, o + d);
+        if (bf) {
+            bf16* o = reinterpret_cast<bf16*>(a.out) + row * p.hdv;
+            for (int64_t d = 0; d < p.hdv; ++d) narrow(s.acc[d] * inv, o + d);
+        } else {
+            T* o = reinterpret_cast<T*>(a.out) + row * p.hdv;
+            for (int64_t d = 0; d < p.hdv; ++d) o[d] = s.acc[d] * inv;
+        }
         if (lse) lse[row] = m + std::log(l);
     }
 }

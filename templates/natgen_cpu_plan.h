@@ -220,19 +220,14 @@ template <typename T> struct FwdScratch {
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
         qrow.assign(p.hd, T(0));
         rows.assign(n, nullptr);
-        if (p.a->input_dtype == kInputBf16) {
-            zeros_bf16.assign(zeros.size(), bf16{0});
-            rows_bf16.assign(n, nullptr);
-        }
+        zeros_bf16.assign(zeros.size(), bf16{0});  // (sized whatever this call's inputs: the next may be bf16)
+        rows_bf16.assign(n, nullptr);
     }
 };
 
-// The gather's row pointers and zero row of an input type.
-template <typename In, typename T> NATGEN_INLINE std::vector<const In*>& rows_of(FwdScratch<T>& s) {
-    if constexpr (std::is_same<In, bf16>::value) return s.rows_bf16; else return s.rows;
-}
-template <typename In, typename T> NATGEN_INLINE const In* zeros_of(FwdScratch<T>& s) {
-    if constexpr (std::is_same<In, bf16>::value) return s.zeros_bf16.data(); else return s.zeros.data();
+// Whether a call's inputs are bf16 (Args::input_dtype; float compute only, dispatch has checked the code).
+template <typename T> NATGEN_INLINE bool reads_bf16(const Args& a) {
+    return std::is_same<T, float>::value && a.input_dtype == kInputBf16;
 }
 
 // Cache-line aligned storage for the backward's buffers: union rows (strides of whole lines) then start on a

@@ -76,10 +76,11 @@ template <typename T, typename In> NATGEN_INLINE void widen_row(const In* __rest
         std::memcpy(dst, src, n * sizeof(T));
     } else {
         int64_t d = 0;
-        for (; d + 8 <= n; d += 8) {
-            const Vec8 v = load8(src + d);
-            std::memcpy(dst + d, &v, sizeof(v));
-        }
+        if constexpr (sizeof(T) == 4)
+            for (; d + 8 <= n; d += 8) {
+                const Vec8 v = load8(src + d);
+                std::memcpy(dst + d, &v, sizeof(v));
+            }
         for (; d < n; ++d) dst[d] = widen(src[d]);
     }
 }
@@ -89,15 +90,16 @@ template <typename T, typename Out> NATGEN_INLINE void narrow_row(const T* __res
         std::memcpy(dst, src, n * sizeof(T));
     } else {
         int64_t d = 0;
-        for (; d + 8 <= n; d += 8) {
-            const Vec8 x = load8(src + d);
-            U32x8 b;
-            std::memcpy(&b, &x, sizeof(b));
-            const U32x8 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-            const U32x8 nan = (U32x8)(x != x);
-            const U16x8 h = __builtin_convertvector((r & ~nan) | (nan & 0x7FC0u), U16x8);
-            std::memcpy(dst + d, &h, sizeof(h));
-        }
+        if constexpr (sizeof(T) == 4)
+            for (; d + 8 <= n; d += 8) {
+                const Vec8 x = load8(src + d);
+                U32x8 b;
+                std::memcpy(&b, &x, sizeof(b));
+                const U32x8 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+                const U32x8 nan = (U32x8)(x != x);
+                const U16x8 h = __builtin_convertvector((r & ~nan) | (nan & 0x7FC0u), U16x8);
+                std::memcpy(dst + d, &h, sizeof(h));
+            }
         for (; d < n; ++d) narrow(src[d], dst + d);
     }
 }

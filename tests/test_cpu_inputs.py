@@ -148,3 +148,17 @@ def test_the_fixed_forward_rounds_non_finite_outputs_as_torch():
     assert nan.any() and torch.isinf(expected).any()
     assert torch.equal(torch.isnan(direct), nan)
     assert torch.equal(direct.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("kernel", [7, 5])  # the fixed-shape and the generic forward
+def test_float32_and_bf16_calls_of_one_shape_take_turns_on_the_same_threads(kernel):
+    """The per-thread scratch is kept between calls of one shape: a bf16 call after a float32 one (and back)
+    finds the buffers it needs."""
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 20, 20, 2, 32, generator=generator) for _ in range(3))
+    first = natgen.na2d(q, k, v, kernel, backend="cpu")
+    half = natgen.na2d(q.bfloat16(), k.bfloat16(), v.bfloat16(), kernel, backend="cpu")
+    again = natgen.na2d(q, k, v, kernel, backend="cpu")
+    assert torch.equal(first, again)
+    expected = natgen.na2d(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), kernel, backend="cpu")
+    assert torch.equal(half.view(torch.int16), expected.bfloat16().view(torch.int16))
