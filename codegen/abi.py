@@ -117,8 +117,9 @@ ABIS: Dict[str, Tuple[Field, ...]] = {
         Field("length", "i64", axes=True), Field("kernel", "i64", axes=True), Field("stride", "i64", axes=True),
         Field("dilation", "i64", axes=True), Field("causal", "i64", axes=True, fill=0),
         Field("scale", "f64"),
-        Field("input_dtype", "i64", doc="element type of q, k, v, extra_k, extra_v and out: 0 the compute type, "
-                                        "else a code of the instance's launch fact `inputs` (forward only)"),
+        Field("input_dtype", "i64", doc="element type of q, k, v, extra_k, extra_v, out and grad_out: 0 the "
+                                        "compute type, else a code of the instance's launch fact `inputs` "
+                                        "(the gradients and lse stay in the compute type)"),
     ),
 }
 

@@ -6,9 +6,10 @@ default library holds a K=any instance for every causal mask and compute type). 
 forward entry's backward partner, loaded (compiled on first use) at the first backward call. Arguments are
 packed from the manifest's "cpu" ABI layout into one block per thread.
 
-A forward whose manifest entry lists the input dtype in its launch fact "inputs" (bf16 for the f32
-instances) reads q / k / v and writes out in that dtype itself (the ABI's input_dtype field); other dtypes,
-and the backward, get tensors converted to the compute type first.
+An instance whose manifest entry lists the input dtype in its launch fact "inputs" (bf16 for the f32
+instances) reads its tensors in that dtype itself (the ABI's input_dtype field): the forward q / k / v and
+out, the backward also out and dO (its gradients come back in the compute type and are rounded here); other
+dtypes get tensors converted to the compute type first.
 """
 from __future__ import annotations
 
@@ -121,7 +122,12 @@ class CpuCall(Resolved):
         self.input_code = 0 if problem.dtype == self.dtype else forward.launch.get("inputs", {}).get(token, 0)
         self.input_dtype = problem.dtype if self.input_code else self.dtype
         self.blocks = _Blocks(layout, problem, input_dtype=self.input_code)
-        self.backward_blocks = _Blocks(layout, problem) if self.input_code else self.blocks
+        # the backward reads the input dtype where its entry says so too (else converted tensors)
+        reads = backward.launch.get("inputs", {}) if backward is not None else {}
+        self.backward_code = reads.get(token, 0) if self.input_code else 0
+        self.backward_input_dtype = problem.dtype if self.backward_code else self.dtype
+        self.backward_blocks = (_Blocks(layout, problem, input_dtype=self.backward_code)
+                                if self.backward_code != self.input_code else self.blocks)
         self._module = self._backward_module = None
         self.out_shape = (problem.batch, *problem.spatial, problem.heads, problem.head_dim_v)
         if self.input_dtype == problem.dtype and self.dtype == torch.float32 and not problem.n_extra:
@@ -184,14 +190,15 @@ class CpuCall(Resolved):
             return None
         if self._backward_module is None:
             self._backward_module = cxx.load(self.backward_instance)
-        dtype = self.dtype
-        q_, k_, v_, ek_, ev_, do_, out_ = (_prepare(t, dtype) for t in (q, k, v, extra_k, extra_v, grad_out, out))
+        dtype, input_dtype = self.dtype, self.backward_input_dtype
+        q_, k_, v_, ek_, ev_, do_, out_ = (_prepare(t, input_dtype)
+                                           for t in (q, k, v, extra_k, extra_v, grad_out, out))
         grad_lse_ = _prepare(grad_lse, dtype)
         # the saved lse is float32: exact for f32 compute; f64 recomputes the normalizer in the kernel
         saved_lse = _prepare(lse, dtype) if dtype == torch.float32 else None
         # torch.empty, not zeros: each kernel work unit zeroes the key grads it owns, saving a separate pass
         rpb_ = _prepare(rpb, dtype)
-        grads = {name: torch.empty_like(t) if t is not None else None
+        grads = {name: torch.empty(t.shape, dtype=dtype) if t is not None else None
                  for name, t in (("grad_q", q_), ("grad_k", k_), ("grad_v", v_), ("grad_extra_k", ek_),
                                  ("grad_extra_v", ev_), ("grad_rpb", rpb_))}
         tensors = dict(q=q_, k=k_, v=v_, extra_k=ek_, extra_v=ev_, out=out_, grad_out=do_, grad_lse=grad_lse_,

@@ -107,9 +107,8 @@ constexpr const char* kVariants = NATGEN_X86_VARIANTS ? "avx512,avx2,portable" :
 // Runs the forward or backward of `Cfg` on ISA variant `isa`. Returns 0, or 3 for a code this module has no
 // variant for, 4 for a variant whose instructions this CPU lacks.
 template <class Cfg, bool Forward> int dispatch(const Args& a, int isa) {
-    // other input types: the float forward reads bf16 (everything else gets the compute type)
-    if (a.input_dtype != kInputCompute &&
-        !(Forward && std::is_same<typename Cfg::T, float>::value && a.input_dtype == kInputBf16))
+    // other input types: float instances read bf16 (everything else gets the compute type)
+    if (a.input_dtype != kInputCompute && !(std::is_same<typename Cfg::T, float>::value && a.input_dtype == kInputBf16))
         return 5;
 #if NATGEN_X86_VARIANTS
     if (isa == kAvx512) {

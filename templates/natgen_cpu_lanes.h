@@ -230,10 +230,10 @@ NATGEN_INLINE bool union_column(const TileRef& t, const TileGeometry& g, int64_t
 }
 
 // Gathers the tile's key union of its key/value head from [batch, tokens, heads_kv, dim] into dst (layout
-// above) and the extra tokens into edst[d * n_extra + e].
-template <typename T>
-NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g, const T* src, const T* extra,
-                          int64_t dim, T* dst, T* edst, const T* zeros) {
+// above) and the extra tokens into edst[d * n_extra + e], widening inputs of another type (bf16).
+template <typename T, typename In>
+NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g, const In* src, const In* extra,
+                          int64_t dim, T* dst, T* edst, const In* zeros) {
     const Args& a = *p.a;
     const int64_t heads = a.heads_kv, base = t.b * p.tokens * heads;  // key/value rows
     for (int64_t ur = 0; ur < g.nrows; ++ur) {
@@ -243,7 +243,7 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
         // V columns at a time (a union row's stride is whole cache lines, so never past it)
         constexpr int V = VecTraits<T>::width;
         for (int64_t c8 = 0; c8 < g.row_len; c8 += V) {
-            const T* r[V];
+            const In* r[V];
             bool empty = true;
             for (int l = 0; l < V; ++l) {
                 int64_t l2;
@@ -254,13 +254,13 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
             if (empty) {
                 for (int64_t d = 0; d < dim; ++d) std::memset(block + d * g.rs + c8, 0, V * sizeof(T));
             } else {
-                rows_to_lanes<T>(r, dim, block + c8, g.rs);
+                rows_to_lanes<T, In>(r, dim, block + c8, g.rs);
             }
         }
     }
     for (int64_t e = 0; e < p.n_extra; ++e) {
-        const T* row = extra + ((t.b * p.n_extra + e) * heads + t.hk) * dim;
-        for (int64_t d = 0; d < dim; ++d) edst[d * p.n_extra + e] = row[d];
+        const In* row = extra + ((t.b * p.n_extra + e) * heads + t.hk) * dim;
+        for (int64_t d = 0; d < dim; ++d) edst[d * p.n_extra + e] = widen(row[d]);
     }
 }
 

@@ -249,11 +249,12 @@ template <typename T> struct Scratch {
     LineVec<T> kt, vt, ekt, evt;             // key / value unions ([row][channel][column]), extras [channel][e]
     LineVec<T> dkr, dvr;                     // backward: key grads per union position, row-major
     LineVec<T> qt, dot, ot;                  // lane buffers: queries, output cotangents, outputs / dq
-    LineVec<T> xr;                           // backward, fixed shape: q and dO rows of a lane group [2][V][dims]
+    LineVec<T> xr;                           // backward: q, dO (and bf16 out) rows of a lane group [3][V][dims]
     LineVec<T> sc, pr, dp;                   // per (window row, column) and extra token: one vector of lanes
     std::vector<char> colmask;               // per column: an itype vector of the lanes whose window contains it
     std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
     std::vector<T> zeros, sink;
+    std::vector<bf16> zeros_bf16;  // a zero row of bf16 inputs (the gathers' padding)
     std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
     std::vector<T> rpb_grads;    // backward: this unit's bias grads [query heads of its kv head][entries]
     FwdScratch<T> fwd;
@@ -275,7 +276,8 @@ template <typename T> struct Scratch {
         qt.assign(dims * V, T(0));
         dot.assign(dims * V, T(0));
         ot.assign(dims * V, T(0));
-        xr.assign(2 * V * dims, T(0));
+        xr.assign(3 * V * dims, T(0));  // (the fixed path: q, dO, out rows; the generic: bf16 rows widened)
+        zeros_bf16.assign(dims + V, bf16{0});
         const int64_t vectors = p.max_rows * p.max_cols + p.n_extra;
         sc.assign(vectors * V, T(0));
         pr.assign(vectors * V, T(0));

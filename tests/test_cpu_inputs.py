@@ -103,27 +103,54 @@ def test_the_rounding_is_torchs_on_ties_infinities_and_nan():
 
 
 def test_the_manifest_says_which_instances_read_bf16():
-    """The f32 forward instances read bf16; backward and f64 instances read their compute type only."""
+    """The f32 instances (forward and backward) read bf16; f64 instances read their compute type only."""
     instances = [i for i in load_manifest() if i.spec.family == "cpu"]
-    assert instances
+    assert {i.spec.op for i in instances} == {"fwd", "bwd"}
     for instance in instances:
-        reads = instance.launch.get("inputs")
-        if instance.spec.op == "fwd" and instance.spec.dtype == "f32":
-            assert reads == {"bf16": 1}, instance.name
-        else:
-            assert reads == {}, instance.name
+        assert instance.launch.get("inputs") == ({"bf16": 1} if instance.spec.dtype == "f32" else {}), instance.name
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("name", ["fixed_2d", "any_2d_causal_dilated", "extra_1d", "rpb_2d"])
+def test_bf16_backward_has_the_bits_of_converting_first(isa, name):
+    """The backward reads bf16 q / k / v / out / dO itself: its float32 gradients equal those of the same kernel
+    given the tensors converted to float32 first (a call whose backward is made to convert)."""
+    op, q, k, v, params = _inputs(name, seed=5)
+    rank = q.dim() - 3
+    extra = (params.get("additional_keys"), params.get("additional_values"))
+    rpb = params.get("rpb")
+    resolve_params = {key: value for key, value in params.items()
+                      if key not in ("rpb", "additional_keys", "additional_values")}
+    problem, call = natgen.ops.resolve(rank, q, k, v, additional_keys=extra[0], additional_values=extra[1], rpb=rpb,
+                                       backend="cpu", **resolve_params)
+    assert call.backward_code == 1
+    converting = cpu.CpuCall(problem)
+    converting.backward_code, converting.backward_input_dtype = 0, torch.float32
+    converting.backward_blocks = cpu._Blocks(converting.blocks.layout, problem)
+    generator = torch.Generator().manual_seed(6)
+    with cpu_isa.use(isa):
+        out, lse = call.forward(q, k, v, *extra, rpb)
+        grad_out = torch.randn(out.shape, generator=generator).to(torch.bfloat16)
+        direct = call.backward(q, k, v, *extra, out, lse, grad_out, None, rpb)
+        converted = converting.backward(q, k, v, *extra, out, lse, grad_out, None, rpb)
+    for a, b in zip(direct, converted):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a.float(), b.float())
 
 
 def test_bf16_calls_pass_bf16_and_f16_calls_convert():
     q = torch.randn(1, 12, 12, 2, 16, dtype=torch.bfloat16)
     bf16_call = natgen.ops.resolve(2, q, q, q, 5, backend="cpu")[1]
     assert (bf16_call.input_code, bf16_call.input_dtype) == (1, torch.bfloat16)
+    assert (bf16_call.backward_code, bf16_call.backward_input_dtype) == (1, torch.bfloat16)
     h = q.to(torch.float16)
     f16_call = natgen.ops.resolve(2, h, h, h, 5, backend="cpu")[1]
     assert (f16_call.input_code, f16_call.input_dtype) == (0, torch.float32)
+    assert (f16_call.backward_code, f16_call.backward_input_dtype) == (0, torch.float32)
 
 
-@pytest.mark.parametrize("which, code", [("backward", 1), ("forward", 7)])
+@pytest.mark.parametrize("which, code", [("backward", 7), ("forward", 7)])
 def test_an_input_code_a_kernel_does_not_read_is_refused(which, code):
     q = torch.randn(1, 12, 12, 2, 16, dtype=torch.bfloat16)
     call = natgen.ops.resolve(2, q, q, q, 5, backend="cpu")[1]

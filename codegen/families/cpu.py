@@ -39,10 +39,11 @@ DEFAULT_SPECIALIZED = {
     3: [(3, 32), (7, 32)],
 }
 FULL_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
-# Input element types an f32-compute forward reads and writes itself (q, k, v, extra tokens in, out back),
-# by the code the runtime passes in the ABI's input_dtype field (0: the compute type). The kernels widen
-# while they gather (bf16 is a float's high half: exact) and round the output to nearest even, so a call gets
-# the bits of converting first, without the conversion passes. Rendered into each source and the manifest.
+# Input element types the f32-compute instances read themselves (forward: q, k, v, extra tokens in, out back;
+# backward: q, k, v, extra tokens, out and dO in, its gradients stay float32), by the code the runtime passes in
+# the ABI's input_dtype field (0: the compute type). The kernels widen while they gather (bf16 is a float's
+# high half: exact) and round the forward's output to nearest even, so a call gets the bits of converting
+# first, without the conversion passes. Rendered into each source and the manifest.
 INPUT_TYPES = {"bf16": 1}
 FULL_HEAD_DIMS = (32, 64, 128)
 
@@ -80,8 +81,8 @@ def launch(spec: KernelSpec) -> dict:
         # a relative positional bias: added on the forward's per-query path and the backward's lane-group path
         # (the fixed-layout paths do not take one), its grads summed per work unit, reduced in unit order
         "rpb": True,
-        # input_dtype codes this instance reads directly (forward, f32 compute); others convert first
-        "inputs": dict(INPUT_TYPES) if spec.op == "fwd" and spec.dtype == "f32" else {},
+        # input_dtype codes this instance reads directly (f32 compute); other dtypes are converted first
+        "inputs": dict(INPUT_TYPES) if spec.dtype == "f32" else {},
     }
 
 
