@@ -36,4 +36,9 @@ run --device cpu --set nat-2d --batch 4 --repeats "$REPEATS" "$@"
 echo -e "\n### nat-2d with batch shrunk from 128 to 4, forward + backward" >> "$OUT"
 run --device cpu --set nat-2d --batch 4 --repeats "$REPEATS" --backward "$@"
 
+echo -e "\n### cpu-2d in bfloat16 (natgen's kernels read bf16 themselves; dense SDPA in bf16), forward" >> "$OUT"
+run --device cpu --set cpu-2d --dtype bf16 --peers natgen,flex,sdpa --repeats "$REPEATS" "$@"
+echo -e "\n### cpu-2d in bfloat16, forward + backward" >> "$OUT"
+run --device cpu --set cpu-2d --dtype bf16 --peers natgen,flex,sdpa --repeats "$REPEATS" --backward "$@"
+
 python docs/splice_section.py cpu-benchmarks "$OUT" docs/benchmarks.md
