@@ -2,6 +2,8 @@
 // variant codes the entry point takes.
 #pragma once
 
+#include "natgen_cpu_bf16.h"  // bf16 (inputs only: the kernels compute in float)
+
 namespace natgen {
 
 // Compile-time facts of one instance; 0 means "runtime value" (the spec said "any").
@@ -13,11 +15,6 @@ struct Config {
     static constexpr int HD = HD_;  // head_dim of q/k and of v (specialized instances need them equal)
     static constexpr bool C[3] = {C0_, C1_, C2_};
     static constexpr int TILE[3] = {T0_, T1_, T2_};
-};
-
-// bfloat16 storage (inputs only: the kernels compute in float): a float's high 16 bits.
-struct bf16 {
-    uint16_t bits;
 };
 
 // The ISA variant a call runs: its code is its index in runtime/cpu_isa.py's VARIANTS (the same order).

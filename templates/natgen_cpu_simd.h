@@ -36,26 +36,16 @@ template <typename T> NATGEN_INLINE void store(T* p, typename VecTraits<T>::type
 }
 
 // ------------------------------------------------------------------------------------- input types
-// A float forward may read bf16 q / k / v and write a bf16 out itself (Args::input_dtype): widening is exact
-// (bf16 is a float's high half), narrowing rounds to nearest even with NaN -> 0x7FC0, as torch's conversion
-// does, so a call has the bits of converting first.
+// A float forward may read bf16 q / k / v and write a bf16 out itself (Args::input_dtype), converting by
+// natgen_cpu_bf16.h's rule (torch's), so a call has the bits of converting first.
 typedef uint16_t U16x8 __attribute__((vector_size(16)));
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
 NATGEN_INLINE float widen(float x) { return x; }
 NATGEN_INLINE double widen(double x) { return x; }
-NATGEN_INLINE float widen(bf16 x) {
-    const uint32_t b = uint32_t(x.bits) << 16;
-    float f;
-    std::memcpy(&f, &b, sizeof(f));
-    return f;
-}
+NATGEN_INLINE float widen(bf16 x) { return bf16_to_float(x); }
 NATGEN_INLINE void narrow(float x, float* out) { *out = x; }
 NATGEN_INLINE void narrow(double x, double* out) { *out = x; }
-NATGEN_INLINE void narrow(float x, bf16* out) {
-    uint32_t b;
-    std::memcpy(&b, &x, sizeof(b));
-    out->bits = x != x ? uint16_t(0x7FC0) : uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
+NATGEN_INLINE void narrow(float x, bf16* out) { *out = float_to_bf16(x); }
 // 8 elements as floats
 NATGEN_INLINE Vec8 load8(const float* p) {
     Vec8 v;

@@ -25,6 +25,8 @@
 
 #include <omp.h>
 
+#include "natgen_cpu_bf16.h"
+
 #define NATGEN_UNFUSED_INLINE inline __attribute__((always_inline))
 #define NATGEN_UNFUSED_EXPORT __attribute__((visibility("default")))
 // the instance's work function is built for AVX-512, AVX2+FMA and baseline x86-64, one picked at load time
@@ -37,20 +39,12 @@
 
 namespace natgen_unfused {
 
-// bfloat16 as torch stores it: the upper 16 bits of a float
-struct bf16 {
-    uint16_t bits;
-};
+using natgen::bf16;  // bfloat16 and its conversions: natgen_cpu_bf16.h (shared with the fused kernels)
 
 inline float load(float x) { return x; }
 inline double load(double x) { return x; }
 inline float load(_Float16 x) { return static_cast<float>(x); }
-inline float load(bf16 x) {
-    const uint32_t u = uint32_t(x.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
+inline float load(bf16 x) { return natgen::bf16_to_float(x); }
 
 template <class T>
 struct Store;
@@ -68,12 +62,7 @@ struct Store<_Float16> {
 };
 template <>
 struct Store<bf16> {
-    static bf16 from(float x) {  // round to nearest even, as torch; NaN stays a (quiet) NaN
-        uint32_t u;
-        std::memcpy(&u, &x, 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40)};
-        return bf16{uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
-    }
+    static bf16 from(float x) { return natgen::float_to_bf16(x); }
 };
 
 // Per-axis tables of one problem (3 padded axes): for every position, its dilation group, group-local index,

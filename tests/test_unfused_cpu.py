@@ -143,3 +143,20 @@ def test_cpu_backend_rejects_other_devices_by_name():
     q = torch.zeros(1, 1, 8, 4, device="meta")
     with pytest.raises(ValueError, match="backend='cpu' does not run meta tensors"):
         functional.na1d_qk(q, q, 3, backend="cpu")
+
+
+def test_bf16_outputs_round_as_torch_converts():
+    """bf16 outputs are rounded to nearest even, as torch converts float to bfloat16: the logits equal the
+    float32 kernels' logits converted, bit for bit, and NaN where those are NaN (a query row holding NaN of
+    either sign, and a 0 * inf product; NaN bits themselves differ between torch's own conversion paths)."""
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(1, 2, 12, 16, generator=g) for _ in range(2))
+    q[0, 0, 3, 5] = float("nan")
+    q[0, 1, 7, 2] = -float("nan")
+    k[0, 1, 0, 4], q[0, 1, 0, 4] = float("inf"), 0.0  # 0 * inf: NaN in every window holding key 0
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    got = functional.na1d_qk(q, k, 5, 1, backend="cpu")
+    want = functional.na1d_qk(q.float(), k.float(), 5, 1, backend="cpu").to(torch.bfloat16)
+    nan = torch.isnan(want)
+    assert nan.sum() == 11 and torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])

@@ -19,7 +19,7 @@ FAMILY = "cpu"
 TEMPLATE = "cpu_na.cpp.j2"
 TOOLCHAIN = "cxx"
 SOURCE_SUFFIX = ".cpp"
-HEADERS = ("natgen_cpu.h", "natgen_cpu_target.h", "natgen_cpu_config.h", "natgen_cpu_variant.h", "natgen_cpu_simd.h", "natgen_cpu_plan.h", "natgen_cpu_lanes.h",
+HEADERS = ("natgen_cpu.h", "natgen_cpu_target.h", "natgen_cpu_config.h", "natgen_cpu_bf16.h", "natgen_cpu_variant.h", "natgen_cpu_simd.h", "natgen_cpu_plan.h", "natgen_cpu_lanes.h",
            "natgen_cpu_rpb.h", "natgen_cpu_fwd.h", "natgen_cpu_bwd.h", "natgen_cpu_driver.h")
 ABI = "cpu"
 # the selector's inputs (natgen.cost): one CPU family, so only the specialization factor ranks instances
