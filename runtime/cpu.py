@@ -103,6 +103,14 @@ def _prepare(tensor, dtype):
     return tensor.detach().to(dtype).contiguous()
 
 
+def _input_code(entry, dtype: torch.dtype) -> int:
+    """The ABI input_dtype code an instance reads `dtype` with (its launch fact "inputs"), 0 if it does not
+    read it (or there is no instance)."""
+    if entry is None:
+        return 0
+    return entry.launch.get("inputs", {}).get(TORCH_DTYPE_TOKENS[str(dtype).replace("torch.", "")], 0)
+
+
 class CpuCall(Resolved):
     """A resolved CPU call: the forward instance and its loaded module, the backward partner (loaded at the
     first backward), the argument blocks."""
@@ -117,15 +125,13 @@ class CpuCall(Resolved):
         self.problem = problem
         self.dtype = compute_dtype(problem.dtype)
         layout = Layout(forward.layout, forward.name)
-        # the forward's input code: the kernel reads this dtype itself (0: tensors converted to self.dtype)
-        token = TORCH_DTYPE_TOKENS[str(problem.dtype).replace("torch.", "")]
-        self.input_code = 0 if problem.dtype == self.dtype else forward.launch.get("inputs", {}).get(token, 0)
+        # the input codes: the kernel reads problem.dtype itself (0: tensors converted to self.dtype); the
+        # backward reads it only where the forward does (its saved tensors are the forward's inputs)
+        self.input_code = _input_code(forward, problem.dtype) if problem.dtype != self.dtype else 0
+        self.backward_code = _input_code(backward, problem.dtype) if self.input_code else 0
         self.input_dtype = problem.dtype if self.input_code else self.dtype
-        self.blocks = _Blocks(layout, problem, input_dtype=self.input_code)
-        # the backward reads the input dtype where its entry says so too (else converted tensors)
-        reads = backward.launch.get("inputs", {}) if backward is not None else {}
-        self.backward_code = reads.get(token, 0) if self.input_code else 0
         self.backward_input_dtype = problem.dtype if self.backward_code else self.dtype
+        self.blocks = _Blocks(layout, problem, input_dtype=self.input_code)
         self.backward_blocks = (_Blocks(layout, problem, input_dtype=self.backward_code)
                                 if self.backward_code != self.input_code else self.blocks)
         self._module = self._backward_module = None
