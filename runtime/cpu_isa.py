@@ -9,6 +9,7 @@ natgen_cpu_config.h's `Isa`), on every call, so `use` / `force` switch variants 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from typing import Optional, Tuple
@@ -31,19 +32,24 @@ _state = {"name": None, "code": None, "why": None}
 SLOWER_WIDE_VENDORS = {"AuthenticAMD": "avx2"}
 
 
-def _cpuinfo_field(field: str) -> Optional[str]:
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict:
+    """The first processor's /proc/cpuinfo fields (read once per process; empty where there is none)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(field):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block ends: the others repeat it
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return None
+    return fields
 
 
 def _cpu_flags() -> Optional[set]:
-    flags = _cpuinfo_field("flags")
+    flags = _cpuinfo().get("flags")
     return None if flags is None else set(flags.split())
 
 
@@ -51,7 +57,7 @@ def default() -> Tuple[str, str]:
     """The variant used without NATGEN_CPU_ISA, and why: the widest this CPU supports, unless its vendor's
     wide variant measured slower (SLOWER_WIDE_VENDORS)."""
     have = supported()
-    vendor = _cpuinfo_field("vendor_id")
+    vendor = _cpuinfo().get("vendor_id")
     step_down = SLOWER_WIDE_VENDORS.get(vendor or "")
     if have[0] == "avx512" and step_down in have:
         return step_down, f"{vendor}'s AVX-512 measured slower than {step_down} (set {ENV}=avx512 to use it)"

@@ -107,9 +107,27 @@ def _by_name(path: Optional[str] = None) -> Dict[str, Instance]:
     return {instance.name: instance for instance in load(path)}
 
 
+@functools.lru_cache(maxsize=4)
+def _by_shape(path: Optional[str] = None) -> Dict[tuple, Instance]:
+    index: Dict[tuple, Instance] = {}
+    for instance in load(path):
+        index.setdefault((instance.spec.family, instance.spec.rank, instance.spec.dtype), instance)
+    return index
+
+
 def reload() -> None:
     load.cache_clear()
     _by_name.cache_clear()
+    _by_shape.cache_clear()
+
+
+def family_instance(family: str, rank: int, dtype_token: str) -> Instance:
+    """The instance of a family with one instance per rank and dtype (the unfused families, CUDA and CPU)."""
+    try:
+        return _by_shape()[(family, rank, dtype_token)]
+    except KeyError:
+        raise LookupError(f"the library has no {family} instance for rank {rank}, {dtype_token} "
+                          "(re-run `python build.py --render-only`)") from None
 
 
 def find(name: str) -> Instance:

@@ -14,7 +14,7 @@ import functools
 import torch
 
 from . import cxx
-from .manifest import load
+from .manifest import family_instance
 from .packing import Layout
 from .problem import Problem
 from .spec import TORCH_DTYPE_TOKENS
@@ -28,15 +28,8 @@ def available() -> bool:
     return cxx.find_compiler() is not None
 
 
-@functools.lru_cache(maxsize=None)
 def instance_for(operation: str, rank: int, dtype_token: str):
-    family = FAMILIES[operation]
-    for instance in load():
-        spec = instance.spec
-        if (spec.family, spec.rank, spec.dtype) == (family, rank, dtype_token):
-            return instance
-    raise LookupError(f"the library has no {family} instance for rank {rank}, {dtype_token} "
-                      "(re-run `python build.py --render-only`)")
+    return family_instance(FAMILIES[operation], rank, dtype_token)
 
 
 @functools.lru_cache(maxsize=None)

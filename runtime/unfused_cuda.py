@@ -13,27 +13,19 @@ dense product each (torch).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from .launch import plan as launch_plan
-from .manifest import load
+from .manifest import family_instance
 from .problem import Problem
 from .spec import TORCH_DTYPE_TOKENS
 
 FAMILIES = {"qk": "unqk", "av": "unav", "inverse": "uninv", "rpb_grad": "unrpb"}
 
 
-@functools.lru_cache(maxsize=None)
 def instance_for(operation: str, rank: int, dtype_token: str):
-    family = FAMILIES[operation]
-    for instance in load():
-        spec = instance.spec
-        if (spec.family, spec.rank, spec.dtype) == (family, rank, dtype_token):
-            return instance
-    raise LookupError(f"the library has no {family} instance for rank {rank}, {dtype_token} "
-                      "(re-run `python build.py --render-only`)")
+    return family_instance(FAMILIES[operation], rank, dtype_token)
 
 
 def backend_for(tensor, backend):
