@@ -7,6 +7,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Under pytest-xdist (the README's `-n auto`) every worker would otherwise run torch (and the CPU kernels, which
+# take torch's thread count) on every core: share the cores out instead, at least 2 per worker so the
+# two-thread paths still run. Tests that compare thread counts set theirs explicitly.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    torch.set_num_threads(max(2, (os.cpu_count() or 2) // _WORKERS))
+
 # The emulator reads these when a launch leaves seed / racecheck / initcheck at None (natgen.emulator).
 EMULATOR_ENV = ("NATGEN_EMU_SEED", "NATGEN_EMU_RACECHECK", "NATGEN_EMU_INITCHECK")
 
