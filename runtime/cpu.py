@@ -6,8 +6,8 @@ default library holds a K=any instance for every causal mask and compute type). 
 forward entry's backward partner, loaded (compiled on first use) at the first backward call. Arguments are
 packed from the manifest's "cpu" ABI layout into one block per thread.
 
-An instance whose manifest entry lists the input dtype in its launch fact "inputs" (bf16 for the f32
-instances) reads its tensors in that dtype itself (the ABI's input_dtype field): the forward q / k / v and
+An instance whose manifest entry lists the input dtype in its launch fact "inputs" (bf16 and f16 for the
+f32 instances) reads its tensors in that dtype itself (the ABI's input_dtype field): the forward q / k / v and
 out, the backward also out and dO (its gradients come back in the compute type and are rounded here); other
 dtypes get tensors converted to the compute type first.
 """

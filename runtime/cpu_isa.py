@@ -2,7 +2,7 @@
 overrides it.
 
 Every CPU module holds the kernel body once per variant (templates/natgen_cpu.h): `avx512` (AVX-512
-F/BW/VL/DQ + FMA, 16 fp32 lanes), `avx2` (AVX2 + FMA, 8 lanes) and `portable` (the baseline ISA, no
+F/BW/VL/DQ + FMA + F16C, 16 fp32 lanes), `avx2` (AVX2 + FMA + F16C, 8 lanes) and `portable` (the baseline ISA, no
 specialized fixed-shape paths). The entry point takes the variant's code, its index in VARIANTS (the order of
 natgen_cpu_config.h's `Isa`), on every call, so `use` / `force` switch variants without reloading anything.
 """
@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 ENV = "NATGEN_CPU_ISA"
 VARIANTS = ("portable", "avx2", "avx512")  # code = index (natgen_cpu_config.h's Isa)
 # the CPU flags (as /proc/cpuinfo names them) each variant's instructions need
-NEEDS = {"portable": (), "avx2": ("avx2", "fma"),
-         "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")}
+NEEDS = {"portable": (), "avx2": ("avx2", "fma", "f16c"),
+         "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")}
 _TORCH_CAPABILITY = {"AVX512": ("avx512", "avx2", "portable"), "AVX2": ("avx2", "portable")}
 
 _state = {"name": None, "code": None, "why": None}

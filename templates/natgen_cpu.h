@@ -2,8 +2,8 @@
 // include this header only. It includes the standard headers, natgen_cpu_target.h (compile targets,
 // attributes) and natgen_cpu_config.h (Config, the ISA codes), then the kernel body (natgen_cpu_variant.h and
 // its parts) once per ISA variant, each in its own namespace under its own `#pragma GCC target`:
-//   natgen::avx512    AVX-512 F/BW/VL/DQ + FMA: 64-byte vectors, 16 fp32 lanes (x86-64 with GCC only)
-//   natgen::avx2      AVX2 + FMA: 32-byte vectors, 8 fp32 lanes (x86-64 with GCC only)
+//   natgen::avx512    AVX-512 F/BW/VL/DQ + FMA + F16C: 64-byte vectors, 16 fp32 lanes (x86-64 with GCC only)
+//   natgen::avx2      AVX2 + FMA + F16C: 32-byte vectors, 8 fp32 lanes (x86-64 with GCC only)
 //   natgen::portable  the baseline ISA: 32-byte GCC vectors, no specialized fixed-shape paths
 // The vector width is the variant's one parameter (NATGEN_VEC_BYTES, read by VecTraits): the same source, not
 // a copy per ISA. dispatch<Cfg, Forward>(args, isa) runs the variant the caller names. The runtime picks it
@@ -63,15 +63,20 @@
 
 #include "natgen_cpu_target.h"
 #include "natgen_cpu_config.h"
+#if NATGEN_X86_VARIANTS
+#include <immintrin.h>  // F16C's 8-wide half conversions (GCC does not vectorize _Float16 vector conversions)
+#endif
 
 #if NATGEN_X86_VARIANTS
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace natgen {
 namespace avx512 {
 #define NATGEN_VEC_BYTES 64
 #define NATGEN_FIXED_PATHS 1
+#define NATGEN_F16C 1
 #include "natgen_cpu_variant.h"
+#undef NATGEN_F16C
 #undef NATGEN_FIXED_PATHS
 #undef NATGEN_VEC_BYTES
 }  // namespace avx512
@@ -79,12 +84,14 @@ namespace avx512 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace natgen {
 namespace avx2 {
 #define NATGEN_VEC_BYTES 32
 #define NATGEN_FIXED_PATHS 1
+#define NATGEN_F16C 1
 #include "natgen_cpu_variant.h"
+#undef NATGEN_F16C
 #undef NATGEN_FIXED_PATHS
 #undef NATGEN_VEC_BYTES
 }  // namespace avx2
@@ -96,7 +103,9 @@ namespace natgen {
 namespace portable {
 #define NATGEN_VEC_BYTES 32
 #define NATGEN_FIXED_PATHS 0
+#define NATGEN_F16C 0
 #include "natgen_cpu_variant.h"
+#undef NATGEN_F16C
 #undef NATGEN_FIXED_PATHS
 #undef NATGEN_VEC_BYTES
 }  // namespace portable
@@ -107,20 +116,21 @@ constexpr const char* kVariants = NATGEN_X86_VARIANTS ? "avx512,avx2,portable" :
 // Runs the forward or backward of `Cfg` on ISA variant `isa`. Returns 0, or 3 for a code this module has no
 // variant for, 4 for a variant whose instructions this CPU lacks.
 template <class Cfg, bool Forward> int dispatch(const Args& a, int isa) {
-    // other input types: float instances read bf16 (everything else gets the compute type)
-    if (a.input_dtype != kInputCompute && !(std::is_same<typename Cfg::T, float>::value && a.input_dtype == kInputBf16))
+    // other input types: float instances read bf16 and f16 (everything else gets the compute type)
+    if (a.input_dtype != kInputCompute &&
+        !(std::is_same<typename Cfg::T, float>::value && (a.input_dtype == kInputBf16 || a.input_dtype == kInputF16)))
         return 5;
 #if NATGEN_X86_VARIANTS
     if (isa == kAvx512) {
         if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-              __builtin_cpu_supports("fma")))
+              __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
             return 4;
         if constexpr (Forward) avx512::run_forward<Cfg>(a); else avx512::run_backward<Cfg>(a);
         return 0;
     }
     if (isa == kAvx2) {
-        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 4;
+        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) return 4;
         if constexpr (Forward) avx2::run_forward<Cfg>(a); else avx2::run_backward<Cfg>(a);
         return 0;
     }

@@ -149,15 +149,6 @@ NATGEN_INLINE void fixed_skew(const typename F::T* w, const typename F::T* x, co
         }
 }
 
-// n elements from element `offset` of a per-query input (q, dO, out) into dst as T: a copy, or bf16 widened.
-template <typename T>
-NATGEN_INLINE void query_rows(bool bf, int64_t base, int64_t offset, int64_t n, T* __restrict dst) {
-    if (bf)
-        widen_row(reinterpret_cast<const bf16*>(base) + offset, n, dst);
-    else
-        std::memcpy(dst, reinterpret_cast<const T*>(base) + offset, n * sizeof(T));
-}
-
 // The backward's per-query tensors: q, dO, lse, out, the lse grad (may be null) and dQ.
 template <typename T> NATGEN_INLINE std::tuple<const T*, const T*, const T*, const T*, const T*, T*> query_side(
     const Args& a) {
@@ -184,12 +175,12 @@ NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg
     const T* qr[V];
     const T* dor[V];
     T* dqr[V];
-    const bool bf = reads_bf16<T>(a);  // bf16 q / dO / out rows: widened here (see query_rows)
-    T* xw = xo + V * HD;              // out rows, widened
+    const int64_t in = input_kind<T>(a);  // 16-bit q / dO / out rows: widened here (see query_rows)
+    T* xw = xo + V * HD;                  // out rows, widened
     for (int j = 0; j < V; ++j) {
-        query_rows<T>(bf, a.q, lg.qrow[j] * HD, HD, xq + j * HD);
-        query_rows<T>(bf, a.grad_out, lg.qrow[j] * HD, HD, xo + j * HD);
-        if (bf) query_rows<T>(bf, a.out, lg.qrow[j] * HD, HD, xw + j * HD);
+        query_rows<T>(in, a.q, lg.qrow[j] * HD, HD, xq + j * HD);
+        query_rows<T>(in, a.grad_out, lg.qrow[j] * HD, HD, xo + j * HD);
+        if (in) query_rows<T>(in, a.out, lg.qrow[j] * HD, HD, xw + j * HD);
         qr[j] = xq + j * HD;
         dor[j] = xo + j * HD;
         dqr[j] = j < lg.lanes ? dq + lg.qrow[j] * HD : s.sink.data();  // (absent lanes: masked, see below)
@@ -242,7 +233,7 @@ NATGEN_FIXED_TARGET void fixed_group(const Plan& p, const LaneGroup<typename Cfg
     }
     Vec di;  // rowsum(dO * O), from the rows
     for (int j = 0; j < V; ++j) {
-        const T* o = bf ? xw + j * HD : out + lg.qrow[j] * HD;
+        const T* o = in ? xw + j * HD : out + lg.qrow[j] * HD;
         Vec a = load<T>(xo + j * HD) * load<T>(o);
         for (int e = V; e < HD; e += V) a += load<T>(xo + j * HD + e) * load<T>(o + e);
         T sum = 0;
@@ -280,20 +271,15 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
     T* dk = reinterpret_cast<T*>(a.grad_k);
     T* dv = reinterpret_cast<T*>(a.grad_v);
     const TileGeometry g = tile_geometry<Cfg>(p, t);
-    // bf16 inputs (Args::input_dtype): a runtime branch, so only the gathers and row copies exist per type
-    const bool bf = reads_bf16<T>(a);
-    if (bf) {
-        const bf16* zb = s.zeros_bf16.data();
-        gather<T, bf16>(p, t, g, reinterpret_cast<const bf16*>(a.k), reinterpret_cast<const bf16*>(a.extra_k), p.hd,
-                        s.kt.data(), s.ekt.data(), zb);
-        gather<T, bf16>(p, t, g, reinterpret_cast<const bf16*>(a.v), reinterpret_cast<const bf16*>(a.extra_v), p.hdv,
-                        s.vt.data(), s.evt.data(), zb);
-    } else {
-        gather<T, T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd,
-                     s.kt.data(), s.ekt.data(), s.zeros.data());
-        gather<T, T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv,
-                     s.vt.data(), s.evt.data(), s.zeros.data());
-    }
+    // 16-bit inputs (Args::input_dtype): a runtime branch, so only the gathers and row copies exist per type
+    const int64_t in = input_kind<T>(a);
+    with_input<T>(in, [&](auto tag) {
+        typedef typename decltype(tag)::type In;
+        gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.k), reinterpret_cast<const In*>(a.extra_k), p.hd,
+                      s.kt.data(), s.ekt.data(), s.template zeros_of<In>());
+        gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.v), reinterpret_cast<const In*>(a.extra_v), p.hdv,
+                      s.vt.data(), s.evt.data(), s.template zeros_of<In>());
+    });
     // (the key-grad buffers are all zero here: zeroed once, and the flush below zeroes what it read)
     const T scale = static_cast<T>(a.scale);
     int64_t lo[3], hi[3];
@@ -327,17 +313,17 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         const T* qr[V];
         const T* dor[V];
         T* dqr[V];
-        T* xw = s.xr.data();  // bf16 inputs: the lanes' q, dO and out rows widened, [3][V][dims]
+        T* xw = s.xr.data();  // 16-bit inputs: the lanes' q, dO and out rows widened, [3][V][dims]
         for (int j = 0; j < V; ++j) {
             const bool real = j < lg.lanes;
             qr[j] = real ? q + lg.qrow[j] * p.hd : s.zeros.data();
             dor[j] = real ? dout + lg.qrow[j] * p.hdv : s.zeros.data();
             dqr[j] = real ? dq + lg.qrow[j] * p.hd : s.sink.data();
-            if (bf && real) {
+            if (in && real) {
                 T* rq = xw + j * p.dims;
                 T* ro = xw + (V + j) * p.dims;
-                query_rows<T>(true, a.q, lg.qrow[j] * p.hd, p.hd, rq);
-                query_rows<T>(true, a.grad_out, lg.qrow[j] * p.hdv, p.hdv, ro);
+                query_rows<T>(in, a.q, lg.qrow[j] * p.hd, p.hd, rq);
+                query_rows<T>(in, a.grad_out, lg.qrow[j] * p.hdv, p.hdv, ro);
                 qr[j] = rq;
                 dor[j] = ro;
             }
@@ -375,9 +361,9 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         const T* orr[V];
         for (int j = 0; j < V; ++j) {
             orr[j] = j < lg.lanes ? out + lg.qrow[j] * p.hdv : s.zeros.data();
-            if (bf && j < lg.lanes) {
+            if (in && j < lg.lanes) {
                 T* row = xw + (2 * V + j) * p.dims;
-                query_rows<T>(true, a.out, lg.qrow[j] * p.hdv, p.hdv, row);
+                query_rows<T>(in, a.out, lg.qrow[j] * p.hdv, p.hdv, row);
                 orr[j] = row;
             }
         }

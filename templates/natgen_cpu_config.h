@@ -2,7 +2,7 @@
 // variant codes the entry point takes.
 #pragma once
 
-#include "natgen_cpu_bf16.h"  // bf16 (inputs only: the kernels compute in float)
+#include "natgen_cpu_half.h"  // bf16, f16 (inputs only: the kernels compute in float)
 
 namespace natgen {
 

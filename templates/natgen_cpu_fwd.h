@@ -454,9 +454,9 @@ NATGEN_FIXED_TARGET void fixed_softmax2(const typename Cfg::T* __restrict kb, co
     fixed_probs<Cfg>(sc + NS, scale2, prb, m2[1], l[1]);
 }
 
-// bf16 inputs (Args::input_dtype) are widened as gathered, queries a row at a time into qw, outputs written
-// through ow; the input type is a runtime branch here (only the gathers are instantiated per type), so the
-// module's compile time barely grows.
+// 16-bit inputs (Args::input_dtype: bf16, f16) are widened as gathered, queries a row at a time into qw,
+// outputs written through ow; the input type is a runtime branch here (only the gathers and row conversions
+// are instantiated per type), so the module's compile time barely grows.
 template <class Cfg>
 NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     typedef typename Cfg::T T;
@@ -465,27 +465,25 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
     const Args& a = *p.a;
-    const bool bf = reads_bf16<T>(a);
+    const int64_t in = input_kind<T>(a);  // 0: q / k / v / out are T
     const T* q = reinterpret_cast<const T*>(a.q);
     T* out = reinterpret_cast<T*>(a.out);
-    const bf16* qb = reinterpret_cast<const bf16*>(a.q);
-    bf16* outb = reinterpret_cast<bf16*>(a.out);
     T* lse = reinterpret_cast<T*>(a.lse);
     const Geometry g = geometry<Cfg>(p, t);
     T* kt = line_aligned(s.kt.data());
     T* vu = line_aligned(s.vu.data());
-    if (bf)
-        fixed_gather<Cfg, bf16>(p, t, g, kt, vu, s.zeros_bf16.data());
-    else
-        fixed_gather<Cfg, T>(p, t, g, kt, vu, s.zeros.data());
+    with_input<T>(in, [&](auto tag) {
+        typedef typename decltype(tag)::type In;
+        fixed_gather<Cfg, In>(p, t, g, kt, vu, s.template zeros_of<In>());
+    });
     alignas(64) T qw[2][2][F::HD], ow[2][2][F::HD];  // [row i][neighbour k]: widened queries, float outputs
     // a query's row as T: the input itself, or widened into qw; an output's destination: out itself, or ow
     auto query = [&](int i, int k, int64_t row) -> const T* {
-        if (!bf) return q + row * F::HD;
-        widen_row(qb + row * F::HD, F::HD, qw[i][k]);
+        if (!in) return q + row * F::HD;
+        query_rows<T>(in, a.q, row * F::HD, F::HD, qw[i][k]);
         return qw[i][k];
     };
-    auto output = [&](int i, int k, int64_t row) -> T* { return bf ? ow[i][k] : out + row * F::HD; };
+    auto output = [&](int i, int k, int64_t row) -> T* { return in ? ow[i][k] : out + row * F::HD; };
     T* sc = s.scores.data();
     T* pr = s.probs.data();
     const T scale2 = static_cast<T>(a.scale * 1.4426950408889634);  // log2(e)
@@ -553,8 +551,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 else
                     for (int k = 0; k < n; ++k)
                         fixed_pv<Cfg, 0>(vu + corner[i][k] * F::HD, pa + k * NS, output(i, k, row[i][k]), inv[i][k]);
-                if (bf)
-                    for (int k = 0; k < n; ++k) narrow_row(ow[i][k], F::HD, outb + row[i][k] * F::HD);
+                if (in)
+                    for (int k = 0; k < n; ++k) output_rows<T>(in, ow[i][k], F::HD, a.out, row[i][k] * F::HD);
             }
         }
         // log-sum-exp of the rows' queries, V at a time: ln2 * (m2 + log2(l))
@@ -568,7 +566,7 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     }
 }
 
-// bf16 inputs (Args::input_dtype: q, k, v, extra tokens) are widened as read, out rounded as written.
+// 16-bit inputs (Args::input_dtype: q, k, v, extra tokens) are widened as read, out rounded as written.
 template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRef& t, FwdScratch<typename Cfg::T>& s) {
     if constexpr (FixedFwd<Cfg>::enabled) {
         if (p.fixed) {
@@ -579,20 +577,17 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
     typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
     const Args& a = *p.a;
-    const bool bf = reads_bf16<T>(a);
+    const int64_t in = input_kind<T>(a);  // 0: q / k / v / out are T
     T* lse = reinterpret_cast<T*>(a.lse);
     const Geometry g = geometry<Cfg>(p, t);
-    if (bf) {
-        gather<T, bf16>(p, t, g, reinterpret_cast<const bf16*>(a.k), reinterpret_cast<const bf16*>(a.extra_k), p.hd,
-                        p.hd, true, s.kt.data(), g.total, s.rows_bf16, s.zeros_bf16.data());
-        gather<T, bf16>(p, t, g, reinterpret_cast<const bf16*>(a.v), reinterpret_cast<const bf16*>(a.extra_v), p.hdv,
-                        p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.rows_bf16, s.zeros_bf16.data());
-    } else {
-        gather<T, T>(p, t, g, reinterpret_cast<const T*>(a.k), reinterpret_cast<const T*>(a.extra_k), p.hd, p.hd,
-                     true, s.kt.data(), g.total, s.rows, s.zeros.data());
-        gather<T, T>(p, t, g, reinterpret_cast<const T*>(a.v), reinterpret_cast<const T*>(a.extra_v), p.hdv,
-                     p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.rows, s.zeros.data());
-    }
+    with_input<T>(in, [&](auto tag) {
+        typedef typename decltype(tag)::type In;
+        gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.k), reinterpret_cast<const In*>(a.extra_k), p.hd, p.hd,
+                      true, s.kt.data(), g.total, s.template rows_of<In>(), s.template zeros_of<In>());
+        gather<T, In>(p, t, g, reinterpret_cast<const In*>(a.v), reinterpret_cast<const In*>(a.extra_v), p.hdv,
+                      p.hdv_padded, false, s.vu.data(), p.hdv_padded, s.template rows_of<In>(),
+                      s.template zeros_of<In>());
+    });
     const T scale = static_cast<T>(a.scale);
     int64_t lo[3], hi[3], local[3];
     for (int d = 0; d < 3; ++d) {
@@ -608,8 +603,8 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
         const int64_t row = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + x2) * a.heads + t.h;
         const int nseg = query_segments<Cfg>(p, t, g, local, s.bases.data(), s.valid.data());
         const T* qr = reinterpret_cast<const T*>(a.q) + row * p.hd;
-        if (bf) {
-            widen_row(reinterpret_cast<const bf16*>(a.q) + row * p.hd, p.hd, s.qrow.data());
+        if (in) {
+            query_rows<T>(in, a.q, row * p.hd, p.hd, s.qrow.data());
             qr = s.qrow.data();
         }
         dot_segments<T, Cfg::HD>(s.kt.data(), g.total, s.bases.data(), nseg, qr, p.hd, s.scores.data());
@@ -619,9 +614,9 @@ template <class Cfg> NATGEN_INLINE void forward_tile(const Plan& p, const TileRe
         weighted_rows<T>(s.vu.data(), p.hdv_padded, s.bases.data(), nseg, s.probs.data(), p.hdv_padded / V,
                          s.acc.data());
         const T inv = T(1) / l;
-        if (bf) {
-            bf16* o = reinterpret_cast<bf16*>(a.out) + row * p.hdv;
-            for (int64_t d = 0; d < p.hdv; ++d) narrow(s.acc[d] * inv, o + d);
+        if (in) {
+            for (int64_t d = 0; d < p.hdv; ++d) s.acc[d] *= inv;
+            output_rows<T>(in, s.acc.data(), p.hdv, a.out, row * p.hdv);
         } else {
             T* o = reinterpret_cast<T*>(a.out) + row * p.hdv;
             for (int64_t d = 0; d < p.hdv; ++d) o[d] = s.acc[d] * inv;

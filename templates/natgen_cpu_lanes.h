@@ -230,7 +230,7 @@ NATGEN_INLINE bool union_column(const TileRef& t, const TileGeometry& g, int64_t
 }
 
 // Gathers the tile's key union of its key/value head from [batch, tokens, heads_kv, dim] into dst (layout
-// above) and the extra tokens into edst[d * n_extra + e], widening inputs of another type (bf16).
+// above) and the extra tokens into edst[d * n_extra + e], widening inputs of another type (bf16, f16).
 template <typename T, typename In>
 NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g, const In* src, const In* extra,
                           int64_t dim, T* dst, T* edst, const In* zeros) {

@@ -201,8 +201,10 @@ template <typename T> struct FwdScratch {
     std::vector<int> bases, valid;  // per segment: its first key, its real keys (lanes [0, valid))
     std::vector<T> zeros, qrow;  // qrow: a widened query row (inputs of another type)
     std::vector<const T*> rows;
-    std::vector<bf16> zeros_bf16;  // the same for bf16 inputs
+    std::vector<bf16> zeros_bf16;  // the same for 16-bit inputs
     std::vector<const bf16*> rows_bf16;
+    std::vector<f16> zeros_f16;
+    std::vector<const f16*> rows_f16;
     int64_t sized_for[5] = {-1, -1, -1, -1, -1};  // the capacities below were last sized for
     void reserve(const Plan& p) {
         constexpr int V = VecTraits<T>::width;
@@ -220,14 +222,56 @@ template <typename T> struct FwdScratch {
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
         qrow.assign(p.hd, T(0));
         rows.assign(n, nullptr);
-        zeros_bf16.assign(zeros.size(), bf16{0});  // (sized whatever this call's inputs: the next may be bf16)
+        zeros_bf16.assign(zeros.size(), bf16{0});  // (sized whatever this call's inputs: the next may differ)
         rows_bf16.assign(n, nullptr);
+        zeros_f16.assign(zeros.size(), f16{0});
+        rows_f16.assign(n, nullptr);
+    }
+    // the gathers' row pointers and zero row for input type In
+    template <typename In> std::vector<const In*>& rows_of() {
+        if constexpr (std::is_same<In, bf16>::value) return rows_bf16;
+        else if constexpr (std::is_same<In, f16>::value) return rows_f16;
+        else return rows;
+    }
+    template <typename In> const In* zeros_of() const {
+        if constexpr (std::is_same<In, bf16>::value) return zeros_bf16.data();
+        else if constexpr (std::is_same<In, f16>::value) return zeros_f16.data();
+        else return zeros.data();
     }
 };
 
-// Whether a call's inputs are bf16 (Args::input_dtype; float compute only, dispatch has checked the code).
-template <typename T> NATGEN_INLINE bool reads_bf16(const Args& a) {
-    return std::is_same<T, float>::value && a.input_dtype == kInputBf16;
+// The input type of a call (Args::input_dtype): kInputCompute, or for float kernels a 16-bit type they widen
+// (kInputBf16, kInputF16; dispatch has checked the code).
+template <typename T> NATGEN_INLINE int64_t input_kind(const Args& a) {
+    return std::is_same<T, float>::value ? a.input_dtype : kInputCompute;
+}
+template <typename U> struct TypeTag {
+    typedef U type;
+};
+// f(TypeTag<In>{}) for input kind `kind`: what reads the inputs is instantiated per input type, nothing else
+template <typename T, typename F> NATGEN_INLINE void with_input(int64_t kind, F&& f) {
+    if constexpr (std::is_same<T, float>::value) {
+        if (kind == kInputBf16) return f(TypeTag<bf16>{});
+        if (kind == kInputF16) return f(TypeTag<f16>{});
+    }
+    f(TypeTag<T>{});
+}
+// n elements from element `offset` of a per-query input (q, dO, out) at `base` into dst as T: a copy, or
+// widened from input kind `kind`
+template <typename T>
+NATGEN_INLINE void query_rows(int64_t kind, int64_t base, int64_t offset, int64_t n, T* __restrict dst) {
+    with_input<T>(kind, [&](auto tag) {
+        typedef typename decltype(tag)::type In;
+        widen_row(reinterpret_cast<const In*>(base) + offset, n, dst);
+    });
+}
+// n outputs from src into element `offset` of `base`, narrowed to input kind `kind` (the forward's out)
+template <typename T>
+NATGEN_INLINE void output_rows(int64_t kind, const T* __restrict src, int64_t n, int64_t base, int64_t offset) {
+    with_input<T>(kind, [&](auto tag) {
+        typedef typename decltype(tag)::type Out;
+        narrow_row(src, n, reinterpret_cast<Out*>(base) + offset);
+    });
 }
 
 // Cache-line aligned storage for the backward's buffers: union rows (strides of whole lines) then start on a
@@ -249,12 +293,18 @@ template <typename T> struct Scratch {
     LineVec<T> kt, vt, ekt, evt;             // key / value unions ([row][channel][column]), extras [channel][e]
     LineVec<T> dkr, dvr;                     // backward: key grads per union position, row-major
     LineVec<T> qt, dot, ot;                  // lane buffers: queries, output cotangents, outputs / dq
-    LineVec<T> xr;                           // backward: q, dO (and bf16 out) rows of a lane group [3][V][dims]
+    LineVec<T> xr;                           // backward: q, dO (and 16-bit out) rows of a lane group [3][V][dims]
     LineVec<T> sc, pr, dp;                   // per (window row, column) and extra token: one vector of lanes
     std::vector<char> colmask;               // per column: an itype vector of the lanes whose window contains it
     std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
     std::vector<T> zeros, sink;
-    std::vector<bf16> zeros_bf16;  // a zero row of bf16 inputs (the gathers' padding)
+    std::vector<bf16> zeros_bf16;  // a zero row of 16-bit inputs (the gathers' padding)
+    std::vector<f16> zeros_f16;
+    template <typename In> const In* zeros_of() const {
+        if constexpr (std::is_same<In, bf16>::value) return zeros_bf16.data();
+        else if constexpr (std::is_same<In, f16>::value) return zeros_f16.data();
+        else return zeros.data();
+    }
     std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
     std::vector<T> rpb_grads;    // backward: this unit's bias grads [query heads of its kv head][entries]
     FwdScratch<T> fwd;
@@ -276,8 +326,9 @@ template <typename T> struct Scratch {
         qt.assign(dims * V, T(0));
         dot.assign(dims * V, T(0));
         ot.assign(dims * V, T(0));
-        xr.assign(3 * V * dims, T(0));  // (the fixed path: q, dO, out rows; the generic: bf16 rows widened)
+        xr.assign(3 * V * dims, T(0));  // (the fixed path: q, dO, out rows; the generic: 16-bit rows widened)
         zeros_bf16.assign(dims + V, bf16{0});
+        zeros_f16.assign(dims + V, f16{0});
         const int64_t vectors = p.max_rows * p.max_cols + p.n_extra;
         sc.assign(vectors * V, T(0));
         pr.assign(vectors * V, T(0));

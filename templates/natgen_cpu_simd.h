@@ -36,16 +36,26 @@ template <typename T> NATGEN_INLINE void store(T* p, typename VecTraits<T>::type
 }
 
 // ------------------------------------------------------------------------------------- input types
-// A float forward may read bf16 q / k / v and write a bf16 out itself (Args::input_dtype), converting by
-// natgen_cpu_bf16.h's rule (torch's), so a call has the bits of converting first.
+// A float kernel may read bf16 or f16 inputs and write its out in that type itself (Args::input_dtype),
+// converting by natgen_cpu_half.h's rules (torch's), so a call has the bits of converting first.
 typedef uint16_t U16x8 __attribute__((vector_size(16)));
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
 NATGEN_INLINE float widen(float x) { return x; }
 NATGEN_INLINE double widen(double x) { return x; }
 NATGEN_INLINE float widen(bf16 x) { return bf16_to_float(x); }
+NATGEN_INLINE float widen(f16 x) {
+    _Float16 h;
+    std::memcpy(&h, &x.bits, sizeof(h));
+    return static_cast<float>(h);
+}
 NATGEN_INLINE void narrow(float x, float* out) { *out = x; }
 NATGEN_INLINE void narrow(double x, double* out) { *out = x; }
 NATGEN_INLINE void narrow(float x, bf16* out) { *out = float_to_bf16(x); }
+NATGEN_INLINE void narrow(float x, f16* out) {
+    const _Float16 h = static_cast<_Float16>(x);  // to nearest even
+    std::memcpy(&out->bits, &h, sizeof(h));
+}
+typedef _Float16 H16x8 __attribute__((vector_size(16)));
 // 8 elements as floats
 NATGEN_INLINE Vec8 load8(const float* p) {
     Vec8 v;
@@ -59,6 +69,15 @@ NATGEN_INLINE Vec8 load8(const bf16* p) {
     Vec8 v;
     std::memcpy(&v, &w, sizeof(v));
     return v;
+}
+NATGEN_INLINE Vec8 load8(const f16* p) {
+#if NATGEN_F16C
+    return Vec8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));  // one vcvtph2ps
+#else
+    H16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, Vec8);  // (element by element)
+#endif
 }
 // dst[0, n) = src[0, n) widened (a plain copy where the types agree)
 template <typename T, typename In> NATGEN_INLINE void widen_row(const In* __restrict src, int64_t n, T* __restrict dst) {
@@ -83,12 +102,22 @@ template <typename T, typename Out> NATGEN_INLINE void narrow_row(const T* __res
         if constexpr (sizeof(T) == 4)
             for (; d + 8 <= n; d += 8) {
                 const Vec8 x = load8(src + d);
-                U32x8 b;
-                std::memcpy(&b, &x, sizeof(b));
-                const U32x8 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-                const U32x8 nan = (U32x8)(x != x);
-                const U16x8 h = __builtin_convertvector((r & ~nan) | (nan & 0x7FC0u), U16x8);
-                std::memcpy(dst + d, &h, sizeof(h));
+                if constexpr (std::is_same<Out, f16>::value) {
+#if NATGEN_F16C
+                    const __m128i h = _mm256_cvtps_ph(__m256(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), h);  // one vcvtps2ph
+#else
+                    const H16x8 h = __builtin_convertvector(x, H16x8);  // to nearest even
+                    std::memcpy(dst + d, &h, sizeof(h));
+#endif
+                } else {
+                    U32x8 b;
+                    std::memcpy(&b, &x, sizeof(b));
+                    const U32x8 r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+                    const U32x8 nan = (U32x8)(x != x);
+                    const U16x8 h = __builtin_convertvector((r & ~nan) | (nan & 0x7FC0u), U16x8);
+                    std::memcpy(dst + d, &h, sizeof(h));
+                }
             }
         for (; d < n; ++d) narrow(src[d], dst + d);
     }
@@ -122,7 +151,7 @@ NATGEN_INLINE void transpose8(Vec8* x) {
 
 // dst[d * ld + j] = r[j][d] for d < n, j < V: V rows side by side (a lane buffer when ld = V); f32 in 8 x 8
 // blocks transposed in registers.
-// Rows of another input type (bf16) are widened as they load.
+// Rows of another input type (bf16, f16) are widened as they load.
 template <typename T, typename In = T>
 NATGEN_INLINE void rows_to_lanes(const In* const* r, int64_t n, T* __restrict dst, int64_t ld) {
     constexpr int V = VecTraits<T>::width;

@@ -25,7 +25,7 @@
 
 #include <omp.h>
 
-#include "natgen_cpu_bf16.h"
+#include "natgen_cpu_half.h"
 
 #define NATGEN_UNFUSED_INLINE inline __attribute__((always_inline))
 #define NATGEN_UNFUSED_EXPORT __attribute__((visibility("default")))
@@ -39,7 +39,7 @@
 
 namespace natgen_unfused {
 
-using natgen::bf16;  // bfloat16 and its conversions: natgen_cpu_bf16.h (shared with the fused kernels)
+using natgen::bf16;  // bfloat16 and its conversions: natgen_cpu_half.h (shared with the fused kernels)
 
 inline float load(float x) { return x; }
 inline double load(double x) { return x; }

@@ -2,8 +2,7 @@
 
 Forward and backward are separate specs so the selector and manifest stay one-spec-one-kernel, and a user
 who only runs inference never compiles a backward. The spec dtype is the COMPUTE type: f32 serves
-f32/f16/bf16 inputs (the runtime converts half inputs, whose conversion is O(N*D) against the kernel's
-O(N*K*D)), f64 serves f64. Dilation is always a runtime value: the kernels tile in dilation-group-local
+f32/f16/bf16 inputs (it reads the 16-bit ones itself, INPUT_TYPES), f64 serves f64. Dilation is always a runtime value: the kernels tile in dilation-group-local
 coordinates, so a constant dilation would buy nothing.
 """
 from __future__ import annotations
@@ -19,7 +18,7 @@ FAMILY = "cpu"
 TEMPLATE = "cpu_na.cpp.j2"
 TOOLCHAIN = "cxx"
 SOURCE_SUFFIX = ".cpp"
-HEADERS = ("natgen_cpu.h", "natgen_cpu_target.h", "natgen_cpu_config.h", "natgen_cpu_bf16.h", "natgen_cpu_variant.h", "natgen_cpu_simd.h", "natgen_cpu_plan.h", "natgen_cpu_lanes.h",
+HEADERS = ("natgen_cpu.h", "natgen_cpu_target.h", "natgen_cpu_config.h", "natgen_cpu_half.h", "natgen_cpu_variant.h", "natgen_cpu_simd.h", "natgen_cpu_plan.h", "natgen_cpu_lanes.h",
            "natgen_cpu_rpb.h", "natgen_cpu_fwd.h", "natgen_cpu_bwd.h", "natgen_cpu_driver.h")
 ABI = "cpu"
 # the selector's inputs (natgen.cost): one CPU family, so only the specialization factor ranks instances
@@ -41,10 +40,10 @@ DEFAULT_SPECIALIZED = {
 FULL_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
 # Input element types the f32-compute instances read themselves (forward: q, k, v, extra tokens in, out back;
 # backward: q, k, v, extra tokens, out and dO in, its gradients stay float32), by the code the runtime passes in
-# the ABI's input_dtype field (0: the compute type). The kernels widen while they gather (bf16 is a float's
-# high half: exact) and round the forward's output to nearest even, so a call gets the bits of converting
-# first, without the conversion passes. Rendered into each source and the manifest.
-INPUT_TYPES = {"bf16": 1}
+# the ABI's input_dtype field (0: the compute type). The kernels widen while they gather (exact for both) and
+# round the forward's output to nearest even, so a call gets the bits of converting first, without the
+# conversion passes. Rendered into each source and the manifest.
+INPUT_TYPES = {"bf16": 1, "f16": 2}
 FULL_HEAD_DIMS = (32, 64, 128)
 
 

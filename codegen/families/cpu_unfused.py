@@ -25,7 +25,7 @@ from ..spec import ANY, KernelSpec
 
 TEMPLATE = "cpu_unfused.cpp.j2"
 ABI = "cpu_unfused"
-HEADERS = ("natgen_cpu_unfused.h", "natgen_cpu_bf16.h")
+HEADERS = ("natgen_cpu_unfused.h", "natgen_cpu_half.h")
 DTYPES = ("f32", "f16", "bf16", "f64")
 # C++ element and accumulator types (torch's float16 is IEEE binary16: _Float16; bfloat16 is a bit pattern)
 ELEMENT_TYPES = {"f32": "float", "f16": "_Float16", "bf16": "natgen_unfused::bf16", "f64": "double"}

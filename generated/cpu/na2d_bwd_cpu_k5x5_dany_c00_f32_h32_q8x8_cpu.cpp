@@ -43,6 +43,7 @@ constexpr int kArgFields = 40;  // every field is 8 bytes
 // input_dtype codes (Args::input_dtype; 0: the compute type)
 constexpr int64_t kInputCompute = 0;
 constexpr int64_t kInputBf16 = 1;
+constexpr int64_t kInputF16 = 2;
 }  // namespace natgen
 
 #include "natgen_cpu.h"
