@@ -41,4 +41,9 @@ run --device cpu --set cpu-2d --dtype bf16 --peers natgen,flex,sdpa --repeats "$
 echo -e "\n### cpu-2d in bfloat16, forward + backward" >> "$OUT"
 run --device cpu --set cpu-2d --dtype bf16 --peers natgen,flex,sdpa --repeats "$REPEATS" --backward "$@"
 
+echo -e "\n### cpu-2d in float16 (natgen's kernels read fp16 themselves; dense SDPA in fp16), forward" >> "$OUT"
+run --device cpu --set cpu-2d --dtype fp16 --peers natgen,flex,sdpa --repeats "$REPEATS" "$@"
+echo -e "\n### cpu-2d in float16, forward + backward" >> "$OUT"
+run --device cpu --set cpu-2d --dtype fp16 --peers natgen,flex,sdpa --repeats "$REPEATS" --backward "$@"
+
 python docs/splice_section.py cpu-benchmarks "$OUT" docs/benchmarks.md

@@ -257,21 +257,24 @@ template <typename T, typename F> NATGEN_INLINE void with_input(int64_t kind, F&
     f(TypeTag<T>{});
 }
 // n elements from element `offset` of a per-query input (q, dO, out) at `base` into dst as T: a copy, or
-// widened from input kind `kind`
+// widened from input kind `kind` (branches written out: through with_input's lambda GCC lost the row
+// length and warned of unbounded loops)
 template <typename T>
 NATGEN_INLINE void query_rows(int64_t kind, int64_t base, int64_t offset, int64_t n, T* __restrict dst) {
-    with_input<T>(kind, [&](auto tag) {
-        typedef typename decltype(tag)::type In;
-        widen_row(reinterpret_cast<const In*>(base) + offset, n, dst);
-    });
+    if constexpr (std::is_same<T, float>::value) {
+        if (kind == kInputBf16) return widen_row(reinterpret_cast<const bf16*>(base) + offset, n, dst);
+        if (kind == kInputF16) return widen_row(reinterpret_cast<const f16*>(base) + offset, n, dst);
+    }
+    widen_row(reinterpret_cast<const T*>(base) + offset, n, dst);
 }
 // n outputs from src into element `offset` of `base`, narrowed to input kind `kind` (the forward's out)
 template <typename T>
 NATGEN_INLINE void output_rows(int64_t kind, const T* __restrict src, int64_t n, int64_t base, int64_t offset) {
-    with_input<T>(kind, [&](auto tag) {
-        typedef typename decltype(tag)::type Out;
-        narrow_row(src, n, reinterpret_cast<Out*>(base) + offset);
-    });
+    if constexpr (std::is_same<T, float>::value) {
+        if (kind == kInputBf16) return narrow_row(src, n, reinterpret_cast<bf16*>(base) + offset);
+        if (kind == kInputF16) return narrow_row(src, n, reinterpret_cast<f16*>(base) + offset);
+    }
+    narrow_row(src, n, reinterpret_cast<T*>(base) + offset);
 }
 
 // Cache-line aligned storage for the backward's buffers: union rows (strides of whole lines) then start on a
