@@ -195,15 +195,30 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     return p;
 }
 
+// Zero rows of the 16-bit input types (the gathers' padding), sized whatever a call's inputs (the next call on
+// the thread may read another type), and the zero row of input type In.
+struct HalfZeros {
+    std::vector<bf16> bf16_row;
+    std::vector<f16> f16_row;
+    void assign(size_t n) {
+        bf16_row.assign(n, bf16{0});
+        f16_row.assign(n, f16{0});
+    }
+};
+template <typename In, typename T> const In* zero_row(const std::vector<T>& zeros, const HalfZeros& halves) {
+    if constexpr (std::is_same<In, bf16>::value) return halves.bf16_row.data();
+    else if constexpr (std::is_same<In, f16>::value) return halves.f16_row.data();
+    else return zeros.data();
+}
+
 // Buffers of the per-query forward (namespace fwd, natgen_cpu_fwd.h).
 template <typename T> struct FwdScratch {
     std::vector<T> kt, vu, scores, probs, acc;
     std::vector<int> bases, valid;  // per segment: its first key, its real keys (lanes [0, valid))
     std::vector<T> zeros, qrow;  // qrow: a widened query row (inputs of another type)
     std::vector<const T*> rows;
-    std::vector<bf16> zeros_bf16;  // the same for 16-bit inputs
+    HalfZeros zeros16;  // the same for 16-bit inputs
     std::vector<const bf16*> rows_bf16;
-    std::vector<f16> zeros_f16;
     std::vector<const f16*> rows_f16;
     int64_t sized_for[5] = {-1, -1, -1, -1, -1};  // the capacities below were last sized for
     void reserve(const Plan& p) {
@@ -222,9 +237,8 @@ template <typename T> struct FwdScratch {
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));
         qrow.assign(p.hd, T(0));
         rows.assign(n, nullptr);
-        zeros_bf16.assign(zeros.size(), bf16{0});  // (sized whatever this call's inputs: the next may differ)
+        zeros16.assign(zeros.size());
         rows_bf16.assign(n, nullptr);
-        zeros_f16.assign(zeros.size(), f16{0});
         rows_f16.assign(n, nullptr);
     }
     // the gathers' row pointers and zero row for input type In
@@ -233,11 +247,7 @@ template <typename T> struct FwdScratch {
         else if constexpr (std::is_same<In, f16>::value) return rows_f16;
         else return rows;
     }
-    template <typename In> const In* zeros_of() const {
-        if constexpr (std::is_same<In, bf16>::value) return zeros_bf16.data();
-        else if constexpr (std::is_same<In, f16>::value) return zeros_f16.data();
-        else return zeros.data();
-    }
+    template <typename In> const In* zeros_of() const { return zero_row<In>(zeros, zeros16); }
 };
 
 // The input type of a call (Args::input_dtype): kInputCompute, or for float kernels a 16-bit type they widen
@@ -301,13 +311,8 @@ template <typename T> struct Scratch {
     std::vector<char> colmask;               // per column: an itype vector of the lanes whose window contains it
     std::vector<int64_t> row_off, key_off;   // per window row: its column 0 in kt/vt and in dkr/dvr
     std::vector<T> zeros, sink;
-    std::vector<bf16> zeros_bf16;  // a zero row of 16-bit inputs (the gathers' padding)
-    std::vector<f16> zeros_f16;
-    template <typename In> const In* zeros_of() const {
-        if constexpr (std::is_same<In, bf16>::value) return zeros_bf16.data();
-        else if constexpr (std::is_same<In, f16>::value) return zeros_f16.data();
-        else return zeros.data();
-    }
+    HalfZeros zeros16;  // the same for 16-bit inputs
+    template <typename In> const In* zeros_of() const { return zero_row<In>(zeros, zeros16); }
     std::vector<T> extra_grads;  // backward: this unit's extra-token grads [n_extra][hd + hdv]
     std::vector<T> rpb_grads;    // backward: this unit's bias grads [query heads of its kv head][entries]
     FwdScratch<T> fwd;
@@ -330,8 +335,7 @@ template <typename T> struct Scratch {
         dot.assign(dims * V, T(0));
         ot.assign(dims * V, T(0));
         xr.assign(3 * V * dims, T(0));  // (the fixed path: q, dO, out rows; the generic: 16-bit rows widened)
-        zeros_bf16.assign(dims + V, bf16{0});
-        zeros_f16.assign(dims + V, f16{0});
+        zeros16.assign(dims + V);
         const int64_t vectors = p.max_rows * p.max_cols + p.n_extra;
         sc.assign(vectors * V, T(0));
         pr.assign(vectors * V, T(0));
