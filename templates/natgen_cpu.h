@@ -63,11 +63,10 @@
 
 #include "natgen_cpu_target.h"
 #include "natgen_cpu_config.h"
-#if NATGEN_X86_VARIANTS
-#include <immintrin.h>  // F16C's 8-wide half conversions (GCC does not vectorize _Float16 vector conversions)
-#endif
 
 #if NATGEN_X86_VARIANTS
+#include <immintrin.h>  // F16C's 8-wide half conversions (GCC does not vectorize _Float16 vector conversions)
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace natgen {

@@ -33,4 +33,17 @@ inline __attribute__((always_inline)) bf16 float_to_bf16(float x) {
     return bf16{x != x ? uint16_t(0x7FC0) : uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16)};
 }
 
+inline __attribute__((always_inline)) float f16_to_float(f16 x) {
+    _Float16 h;
+    std::memcpy(&h, &x.bits, sizeof(h));
+    return static_cast<float>(h);
+}
+
+inline __attribute__((always_inline)) f16 float_to_f16(float x) {
+    const _Float16 h = static_cast<_Float16>(x);  // to nearest even
+    f16 out;
+    std::memcpy(&out.bits, &h, sizeof(h));
+    return out;
+}
+
 }  // namespace natgen

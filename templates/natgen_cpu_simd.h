@@ -43,18 +43,11 @@ typedef uint32_t U32x8 __attribute__((vector_size(32)));
 NATGEN_INLINE float widen(float x) { return x; }
 NATGEN_INLINE double widen(double x) { return x; }
 NATGEN_INLINE float widen(bf16 x) { return bf16_to_float(x); }
-NATGEN_INLINE float widen(f16 x) {
-    _Float16 h;
-    std::memcpy(&h, &x.bits, sizeof(h));
-    return static_cast<float>(h);
-}
+NATGEN_INLINE float widen(f16 x) { return f16_to_float(x); }
 NATGEN_INLINE void narrow(float x, float* out) { *out = x; }
 NATGEN_INLINE void narrow(double x, double* out) { *out = x; }
 NATGEN_INLINE void narrow(float x, bf16* out) { *out = float_to_bf16(x); }
-NATGEN_INLINE void narrow(float x, f16* out) {
-    const _Float16 h = static_cast<_Float16>(x);  // to nearest even
-    std::memcpy(&out->bits, &h, sizeof(h));
-}
+NATGEN_INLINE void narrow(float x, f16* out) { *out = float_to_f16(x); }
 typedef _Float16 H16x8 __attribute__((vector_size(16)));
 // 8 elements as floats
 NATGEN_INLINE Vec8 load8(const float* p) {
