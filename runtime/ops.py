@@ -11,6 +11,7 @@ import torch
 
 from . import backends  # noqa: F401  (registers every backend)
 from .arch import arch_number
+from .autograd import EagerNA
 from .dq_scheme import dq_scheme
 from .problem import _per_dim_bools, _per_dim_ints, make_problem
 from .reference import na_reference
@@ -87,8 +88,9 @@ def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, s
 
 def _through_torch_op(q) -> bool:
     """Whether a call goes through the registered torch op (natgen.torch_ops): under torch.compile or export
-    (fake tensors), for meta tensors, and for tensor subclasses; plain eager calls take the resolved call
-    directly, which costs a few microseconds instead of the dispatcher's tens."""
+    (fake tensors), under torch.func transforms (wrapped tensors), for meta tensors, and for tensor
+    subclasses; plain eager calls take the resolved call directly (with gradients through EagerNA), which
+    costs a few microseconds instead of the dispatcher's hundreds."""
     return type(q) is not torch.Tensor or q.device.type == "meta" or torch.compiler.is_compiling()
 
 
@@ -125,6 +127,8 @@ def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_
             tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values, rpb)]
             out, lse = resolved.forward(*tensors)
             return (out, lse) if return_lse else out
+        out, lse = EagerNA.apply(q, k, v, additional_keys, additional_values, rpb, problem, resolved)
+        return (out, lse) if return_lse else out
     _check_arch(arch)
     from . import torch_ops  # noqa: F401  (registers the natgen ops)
     out, lse = torch.ops.natgen.na_forward(q, k, v, additional_keys, additional_values,

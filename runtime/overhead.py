@@ -5,7 +5,8 @@ CuPy's launch on the cuda path, which therefore runs on CPU tensors where no GPU
 natgen's own work per call: the call-cache lookup, allocation of the outputs, argument packing and
 conversion, up to the launch. "cold" is the first call after natgen's per-call caches are cleared (modules
 already compiled and loaded; for the torch.compile row it includes compiling the graph); "cached" is the
-mean of back-to-back calls with the same arguments. The torch.compile row is a compiled function holding
+mean of back-to-back calls with the same arguments. The forward + backward row times a forward with gradients
+and torch.autograd.grad through it (natgen's autograd Function, and torch's autograd engine). The torch.compile row is a compiled function holding
 one na2d call, which the graph runs through the registered op (torch.ops.natgen.na_forward).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from . import cpu, cxx, ops, registry
 from .registry import Backend
 
-PATHS = ("cpu", "cpu (torch.compile)", "emulator", "cuda")
+PATHS = ("cpu", "cpu (forward + backward)", "cpu (torch.compile)", "emulator", "cuda")
 DRY_CUDA = "cuda (dry run)"
 
 
@@ -50,7 +51,7 @@ def measure(path: str, calls: int = 2000, size: int = 56, kernel_size: int = 7, 
             head_dim: int = 32, rounds: int = 7) -> dict:
     """{path, cold_us, cached_us, calls} for na2d on a [1, size, size, heads, head_dim] problem; cached is the
     best of `rounds` rounds of `calls` back-to-back calls (the least disturbed by the rest of the machine)."""
-    backend = {"cuda": DRY_CUDA, "cpu (torch.compile)": "cpu"}.get(path, path)
+    backend = {"cuda": DRY_CUDA, "cpu (torch.compile)": "cpu", "cpu (forward + backward)": "cpu"}.get(path, path)
     dtype = torch.float16 if path == "cuda" else torch.float32  # the cuda path: a tensor-core instance
     q, k, v = (torch.randn(1, size, size, heads, head_dim).to(dtype) for _ in range(3))
     if backend == "cpu":
@@ -58,6 +59,15 @@ def measure(path: str, calls: int = 2000, size: int = 56, kernel_size: int = 7, 
 
     def call(q, k, v):
         return ops.na2d(q, k, v, kernel_size, backend=backend)
+
+    if path == "cpu (forward + backward)":
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        grad = torch.randn(1, size, size, heads, head_dim)
+        if backend == "cpu":
+            cxx.load(cpu.choose(ops.resolve(2, q, k, v, kernel_size)[0], "bwd"))
+
+        def call(q, k, v):
+            return torch.autograd.grad(ops.na2d(q, k, v, kernel_size, backend=backend), leaves, grad)
 
     if path == "cpu (torch.compile)":
         torch._dynamo.reset()

@@ -15,14 +15,13 @@ last, with a default, so calls written before it existed keep their meaning.
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .autograd import reference_grads
+from .autograd import backward_grads
 from .problem import make_problem
 
 NAMESPACE = "natgen"
@@ -68,17 +67,8 @@ def na_backward(q: Tensor, k: Tensor, v: Tensor, additional_keys: Optional[Tenso
                                                                             Tensor]:
     problem, resolved = ops.resolve(len(kernel_size), q, k, v, tuple(kernel_size), tuple(stride), tuple(dilation),
                                     tuple(is_causal), scale, additional_keys, additional_values, backend, arch, rpb)
-    tensors = [t.contiguous() if t is not None else None for t in (q, k, v, additional_keys, additional_values)]
-    rpb = rpb.contiguous() if rpb is not None else None
-    grad_out = grad_out.contiguous()
-    grads = None
-    if resolved.backend != "reference":
-        grads = resolved.backward(*tensors, out.contiguous(), lse.contiguous(), grad_out, grad_lse, rpb)
-        if grads is None:
-            warnings.warn(f"natgen: no {resolved.backend} backward kernel for this call ({resolved.backward_reason}); "
-                          "its gradients are recomputed through the reference", stacklevel=2)
-    if grads is None:
-        grads = reference_grads(problem, tensors, grad_out, grad_lse, rpb)
+    grads = backward_grads(problem, resolved, q, k, v, additional_keys, additional_values, out, lse, grad_out,
+                           grad_lse, rpb)
     return tuple(_empty_like_missing(q) if g is None else g for g in grads)  # every grad is a fresh tensor
 
 
