@@ -391,7 +391,7 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
         }
     }
     // flush the tile's key grads (tiles of one unit overlap, so this adds) and zero every position the tile
-    // wrote, for the next tile; a union row's keys are one run of columns
+    // wrote, for the next tile and call; a union row's keys are one run of columns
     const int64_t heads = a.heads_kv, base = t.b * p.tokens * heads;
     const int64_t hd = Cfg::HD ? Cfg::HD : p.hd, hdv = Cfg::HD ? Cfg::HD : p.hdv;
     const int64_t u_lo = g.lpad, u_hi = g.lpad + std::min(g.extent[2], t.ax[2]->length - g.lo[2]);
@@ -412,8 +412,9 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
                 for (int64_t d = 0; d < hdv; ++d) dvr[d] += v2[d];
             }
         }
-        std::memset(sk, 0, g.row_len * hd * sizeof(T));
-        std::memset(sv, 0, g.row_len * hdv * sizeof(T));
+        // the whole stride: masked cells add 0 * q (NaN for a non-finite q) past row_len too
+        std::memset(sk, 0, g.rs * hd * sizeof(T));
+        std::memset(sv, 0, g.rs * hdv * sizeof(T));
     }
     for (int64_t e = 0; e < p.n_extra; ++e) {
         T* ek = s.extra_grads.data() + e * (p.hd + p.hdv);

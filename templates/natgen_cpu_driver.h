@@ -126,16 +126,16 @@ template <class Cfg> void run_backward(const Args& a) {
     const int64_t bias_block = a.grad_rpb ? a.heads / a.heads_kv * rpb_entries(p) : 0;
     std::vector<T> bias(units * bias_block, T(0));
     const int64_t workers = std::max<int64_t>(1, std::min(a.threads, units));
-    std::vector<Scratch<T>> scratch(workers);
-    std::vector<char> ready(workers, 0);
     // even bands, then odd bands (one phase when there is one band); each unit's extra-token and bias grads go
     // to its own slot, summed below in unit order: the same result for any thread count
     for (int64_t phase = 0; phase < std::min<int64_t>(2, p.bands); ++phase) {
         const int64_t per_base = (p.bands - phase + 1) / 2, count = units / p.bands * per_base;
-        parallel_units(workers, count, [&](int64_t worker, int64_t i) {
+        parallel_units(workers, count, [&](int64_t, int64_t i) {
             const int64_t unit = i / per_base * p.bands + phase + 2 * (i % per_base);
-            Scratch<T>& s = scratch[worker];
-            if (!ready[worker]) { s.reserve(p, true); ready[worker] = 1; }
+            // per pool thread, kept between calls (as the forward's): allocating and zeroing the buffers cost
+            // every call tens of microseconds
+            static thread_local Scratch<T> s;
+            s.reserve(p, true);
             s.extra_grads.assign(p.n_extra * extra_row, T(0));
             s.rpb_grads.assign(bias_block, T(0));
             backward_unit<Cfg>(p, unit, s);

@@ -257,6 +257,9 @@ NATGEN_INLINE void gather(const Plan& p, const TileRef& t, const TileGeometry& g
                 rows_to_lanes<T, In>(r, dim, block + c8, g.rs);
             }
         }
+        // the stride's tail: read by masked cells (0 * tail), so it must hold zeros, not an earlier tile's keys
+        const int64_t tail = (g.row_len + V - 1) / V * V;
+        for (int64_t d = 0; d < dim && tail < g.rs; ++d) std::memset(block + d * g.rs + tail, 0, (g.rs - tail) * sizeof(T));
     }
     for (int64_t e = 0; e < p.n_extra; ++e) {
         const In* row = extra + ((t.b * p.n_extra + e) * heads + t.hk) * dim;

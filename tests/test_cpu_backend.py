@@ -362,3 +362,26 @@ def test_concurrent_calls_from_two_threads_match_sequential_ones():
             for got, want in zip(pool.map(work, inputs), expected):
                 for a, b in zip(got, want):
                     assert a.equal(b)
+
+
+@pytest.mark.parametrize("spatial,kernel", [((32, 32), 7), ((13, 19), (5, 3))])
+def test_non_finite_inputs_do_not_reach_the_next_backward(spatial, kernel):
+    """The backward keeps its per-thread buffers between calls of one shape: after a call whose keys and
+    queries hold inf / NaN (in the padding its masked cells read and write), the next finite call's gradients
+    are the same bits as those of a first call."""
+    g = torch.Generator().manual_seed(5)
+    finite = [torch.randn(1, *spatial, 2, 32, generator=g) for _ in range(4)]
+
+    def grads(q, k, v, grad_out):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        return torch.autograd.grad(natgen.na2d(*leaves, kernel, backend="cpu"), leaves, grad_out)
+
+    first = grads(*finite)
+    for value in (float("inf"), float("-inf"), float("nan")):
+        poisoned = [t.clone() for t in finite]
+        for t in poisoned[:3]:  # a corner, an edge and an interior token of every input
+            t[0, 0, 0], t[0, -1, spatial[1] // 2], t[0, spatial[0] // 2, -1] = value, value, value
+        grads(*poisoned)
+        again = grads(*finite)
+        for a, b in zip(first, again):
+            assert torch.isfinite(a).all() and torch.equal(a, b), value
