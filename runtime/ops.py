@@ -11,15 +11,11 @@ import torch
 
 from . import backends  # noqa: F401  (registers every backend)
 from .arch import arch_number
-from .autograd import EagerNA
+from .autograd import EagerNA, _contiguous
 from .dq_scheme import dq_scheme
 from .problem import _per_dim_bools, _per_dim_ints, make_problem
 from .reference import na_reference
 from .registry import BACKENDS, resolve_call  # noqa: F401  (BACKENDS: natgen.ops.BACKENDS["cpu"] etc.)
-
-
-def _contiguous(tensor):
-    return tensor.contiguous() if tensor is not None else None
 
 
 def _check_arch(arch):
@@ -88,8 +84,7 @@ def resolve(rank, q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, s
 
 def _through_torch_op(q) -> bool:
     """Whether a call goes through the registered torch op (natgen.torch_ops): under torch.compile or export
-    (fake tensors), under torch.func transforms (wrapped tensors), for meta tensors, and for tensor
-    subclasses; plain eager calls take the resolved call directly (with gradients through EagerNA), which
+    (fake tensors), for meta tensors, and for tensor subclasses; plain eager calls take the resolved call directly (with gradients through EagerNA), which
     costs a few microseconds instead of the dispatcher's hundreds."""
     return type(q) is not torch.Tensor or q.device.type == "meta" or torch.compiler.is_compiling()
 
