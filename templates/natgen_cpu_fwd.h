@@ -219,6 +219,7 @@ NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restri
 template <class Cfg, typename In>
 NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry& g, typename Cfg::T* __restrict kt,
                                 typename Cfg::T* __restrict vu, const In* zeros) {
+    constexpr bool values = !std::is_same<In, typename Cfg::T>::value;  // T values are read in place
     typedef typename Cfg::T T;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
@@ -239,18 +240,30 @@ NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry&
             for (int64_t u2 = 0; u2 < cols; ++u2) {
                 const int64_t row = (first + u2 * step) * F::HD;
                 rows[u2] = k + row;
-                widen_row(v + row, F::HD, vu + (slot + u2) * F::HD);
+                if constexpr (values) widen_row(v + row, F::HD, vu + (slot + u2) * F::HD);
             }
             for (int64_t c = 0; c < cols; c += V) rows_to_lanes<T>(rows + c, F::HD, kt + slot + c, F::KEYS);
         }
     }
 }
 
+// The lanes' max of a query's scores so far with one more vector of them (the c-th of a window row; lanes
+// past a row's last key are not its keys). A NaN score leaves the max alone, as the softmax pass's compare did.
+template <class Cfg>
+NATGEN_INLINE typename VecTraits<typename Cfg::T>::type running_max(typename VecTraits<typename Cfg::T>::type mx,
+                                                                    typename VecTraits<typename Cfg::T>::type x, int c) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    if (c == F::CH - 1 && F::LAST < F::V) x = lane_mask<T>(F::LAST) ? x : Vec{} - std::numeric_limits<T>::infinity();
+    return x > mx ? x : mx;
+}
+
 // Scores of window rows [R0, K1) of one window plane, in blocks of up to 12 accumulators held in registers.
 // (Two accumulator sets over even / odd channels, against FMA latency, measured slower: 0.93 vs 1.00 ms.)
 template <class Cfg, int R0>
 NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
-                                  typename Cfg::T* __restrict sc) {
+                                  typename Cfg::T* __restrict sc, typename VecTraits<typename Cfg::T>::type& mx) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
@@ -267,14 +280,28 @@ NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const ty
 #pragma GCC unroll 16
             for (int c = 0; c < F::CH; ++c) acc[r * F::CH + c] += xd * load<T>(row + r * F::ROWLEN + c * V);
     }
-    for (int i = 0; i < NB * F::CH; ++i) store<T>(sc + (R0 * F::CH + i) * V, acc[i]);
-    if constexpr (R0 + NB < F::K1) fixed_dot_rows<Cfg, R0 + NB>(kb, x, sc);
+    for (int i = 0; i < NB * F::CH; ++i) {
+        store<T>(sc + (R0 * F::CH + i) * V, acc[i]);
+        mx = running_max<Cfg>(mx, acc[i], i % F::CH);
+    }
+    if constexpr (R0 + NB < F::K1) fixed_dot_rows<Cfg, R0 + NB>(kb, x, sc, mx);
 }
+
+// Strides (elements) between a window's value rows on axes 0, 1 and between its keys on axis 2: in the tile's
+// gathered union (compile-time: immediate displacements), or in v itself (fp32 inputs, whose values the P.V
+// reads in place: no copy, and its loads overlap the tile's arithmetic where a gather would stall on them).
+template <class Cfg> struct UnionStrides {
+    static constexpr int64_t s0 = FixedFwd<Cfg>::PLANE * FixedFwd<Cfg>::HD, s1 = FixedFwd<Cfg>::ROWLEN * FixedFwd<Cfg>::HD,
+                             s2 = FixedFwd<Cfg>::HD;
+};
+struct SourceStrides {
+    int64_t s0, s1, s2;
+};
 
 // P.V of one query for output vectors [J0, HD / V), in blocks of up to 4 accumulators; padding lanes are
 // skipped at compile time. (Accumulator sets taking turns over the keys measured slower.)
-template <class Cfg, int J0>
-NATGEN_INLINE void fixed_pv(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pr,
+template <class Cfg, int J0, class S>
+NATGEN_INLINE void fixed_pv(const typename Cfg::T* __restrict vb, const S& st, const typename Cfg::T* __restrict pr,
                             typename Cfg::T* __restrict o, typename Cfg::T inv) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
@@ -285,24 +312,24 @@ NATGEN_INLINE void fixed_pv(const typename Cfg::T* __restrict vb, const typename
     for (int j = 0; j < NVB; ++j) acc[j] = Vec{};
     for (int a0 = 0; a0 < F::K0; ++a0)
         for (int a1 = 0; a1 < F::K1; ++a1) {
-            const T* vr = vb + (a0 * F::PLANE + a1 * F::ROWLEN) * F::HD + J0 * V;
+            const T* vr = vb + a0 * st.s0 + a1 * st.s1 + J0 * V;
             const T* w = pr + (a0 * F::K1 + a1) * F::CH * V;
 #pragma GCC unroll 64
             for (int n = 0; n < F::K2; ++n) {
                 const T wl = w[n];
 #pragma GCC unroll 8
-                for (int j = 0; j < NVB; ++j) acc[j] += wl * load<T>(vr + n * F::HD + j * V);
+                for (int j = 0; j < NVB; ++j) acc[j] += wl * load<T>(vr + n * st.s2 + j * V);
             }
         }
     for (int j = 0; j < NVB; ++j) store<T>(o + (J0 + j) * V, acc[j] * inv);
-    if constexpr (J0 + NVB < F::HD / V) fixed_pv<Cfg, J0 + NVB>(vb, pr, o, inv);
+    if constexpr (J0 + NVB < F::HD / V) fixed_pv<Cfg, J0 + NVB>(vb, st, pr, o, inv);
 }
 
 // P.V of two queries side by side on the last axis (B = A's neighbour), whose windows are the same rows
 // shifted by DELTA (1 in the interior, 0 where B's window is clamped onto A's): each value row is loaded once
 // for both. Within a window row, key n of A is value slot n and key n - DELTA of B.
-template <class Cfg, int NVB, int DELTA>
-NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typename Cfg::T* __restrict wa,
+template <class Cfg, int NVB, int DELTA, class S>
+NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const S& st, const typename Cfg::T* __restrict wa,
                                  const typename Cfg::T* __restrict wb, typename VecTraits<typename Cfg::T>::type* acc_a,
                                  typename VecTraits<typename Cfg::T>::type* acc_b) {
     typedef typename Cfg::T T;
@@ -311,7 +338,7 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typ
     constexpr int V = F::V;
 #pragma GCC unroll 64
     for (int n = 0; n < F::K2 + DELTA; ++n) {
-        const T* vp = vr + n * F::HD;
+        const T* vp = vr + n * st.s2;
         if (n < F::K2 && n >= DELTA) {
             const T xa = wa[n], xb = wb[n - DELTA];
 #pragma GCC unroll 8
@@ -333,8 +360,8 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const typ
     }
 }
 
-template <class Cfg, int J0, int DELTA>
-NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const typename Cfg::T* __restrict pa,
+template <class Cfg, int J0, int DELTA, class S>
+NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const S st, const typename Cfg::T* __restrict pa,
                              const typename Cfg::T* __restrict pb, typename Cfg::T* __restrict oa,
                              typename Cfg::T* __restrict ob, typename Cfg::T inv_a, typename Cfg::T inv_b) {
     typedef typename Cfg::T T;
@@ -347,14 +374,14 @@ NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const t
     for (int a0 = 0; a0 < F::K0; ++a0)
         for (int a1 = 0; a1 < F::K1; ++a1) {
             const int64_t w = (a0 * F::K1 + a1) * F::CH * V;
-            fixed_pv2_row<Cfg, NVB, DELTA>(vb + (a0 * F::PLANE + a1 * F::ROWLEN) * F::HD + J0 * V, pa + w, pb + w,
+            fixed_pv2_row<Cfg, NVB, DELTA>(vb + a0 * st.s0 + a1 * st.s1 + J0 * V, st, pa + w, pb + w,
                                            acc_a, acc_b);
         }
     for (int j = 0; j < NVB; ++j) {
         store<T>(oa + (J0 + j) * V, acc_a[j] * inv_a);
         store<T>(ob + (J0 + j) * V, acc_b[j] * inv_b);
     }
-    if constexpr (J0 + NVB < F::HD / V) fixed_pv2<Cfg, J0 + NVB, DELTA>(vb, pa, pb, oa, ob, inv_a, inv_b);
+    if constexpr (J0 + NVB < F::HD / V) fixed_pv2<Cfg, J0 + NVB, DELTA>(vb, st, pa, pb, oa, ob, inv_a, inv_b);
 }
 
 // Scores of two queries stacked on axis 1 (B below A), rows [U0, K1 + DV) of their window union in one plane:
@@ -364,7 +391,8 @@ NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const t
 template <class Cfg, int DV, int U0>
 NATGEN_INLINE void fixed_dot_rows2(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict xa,
                                    const typename Cfg::T* __restrict xb, typename Cfg::T* __restrict sca,
-                                   typename Cfg::T* __restrict scb) {
+                                   typename Cfg::T* __restrict scb, typename VecTraits<typename Cfg::T>::type& mxa,
+                                   typename VecTraits<typename Cfg::T>::type& mxb) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
@@ -390,32 +418,31 @@ NATGEN_INLINE void fixed_dot_rows2(const typename Cfg::T* __restrict kb, const t
     for (int u = 0; u < NB; ++u)
 #pragma GCC unroll 16
         for (int c = 0; c < F::CH; ++c) {
-            if (U0 + u < F::K1) store<T>(sca + ((U0 + u) * F::CH + c) * V, acc_a[u * F::CH + c]);
-            if (U0 + u >= DV) store<T>(scb + ((U0 + u - DV) * F::CH + c) * V, acc_b[u * F::CH + c]);
+            if (U0 + u < F::K1) {
+                store<T>(sca + ((U0 + u) * F::CH + c) * V, acc_a[u * F::CH + c]);
+                mxa = running_max<Cfg>(mxa, acc_a[u * F::CH + c], c);
+            }
+            if (U0 + u >= DV) {
+                store<T>(scb + ((U0 + u - DV) * F::CH + c) * V, acc_b[u * F::CH + c]);
+                mxb = running_max<Cfg>(mxb, acc_b[u * F::CH + c], c);
+            }
         }
-    if constexpr (U0 + NB < NU) fixed_dot_rows2<Cfg, DV, U0 + NB>(kb, xa, xb, sca, scb);
+    if constexpr (U0 + NB < NU) fixed_dot_rows2<Cfg, DV, U0 + NB>(kb, xa, xb, sca, scb, mxa, mxb);
 }
 
-// Softmax of one query's scores: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2;
-// returns m2 and the sum l. The scaled scores stay in registers (the exponent's argument is one FMA).
+// Softmax of one query's scores: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2, with
+// m2 = scale2 * (the query's max score: running_max's lanes, gathered as the scores were stored; scale2 > 0,
+// as the problem's checks require of the scale); returns m2 and the sum l. The exponent's argument is one FMA.
 template <class Cfg>
-NATGEN_INLINE void fixed_probs(const typename Cfg::T* __restrict sc, typename Cfg::T scale2,
-                               typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
+NATGEN_INLINE void fixed_probs(const typename Cfg::T* __restrict sc, typename VecTraits<typename Cfg::T>::type mx,
+                               typename Cfg::T scale2, typename Cfg::T* __restrict pr, typename Cfg::T& m2,
+                               typename Cfg::T& l) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
-    const T lowest = -std::numeric_limits<T>::infinity();
     const auto last = lane_mask<T>(F::LAST);
-    Vec vmax = Vec{} + lowest;
-    for (int r = 0; r < F::ROWS; ++r)
-#pragma GCC unroll 16
-        for (int c = 0; c < F::CH; ++c) {
-            Vec y = load<T>(sc + (r * F::CH + c) * V) * scale2;
-            if (c == F::CH - 1 && F::LAST < V) y = last ? y : Vec{} + lowest;
-            vmax = y > vmax ? y : vmax;
-        }
-    m2 = hmax(vmax);
+    m2 = hmax(mx) * scale2;
     const T minus_m2 = -m2;
     Vec vsum = Vec{};
     for (int r = 0; r < F::ROWS; ++r)
@@ -435,8 +462,11 @@ NATGEN_INLINE void fixed_softmax(const typename Cfg::T* __restrict kb, const typ
                                  typename Cfg::T scale2, typename Cfg::T* __restrict sc,
                                  typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
     typedef FixedFwd<Cfg> F;
-    for (int a0 = 0; a0 < F::K0; ++a0) fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * F::V);
-    fixed_probs<Cfg>(sc, scale2, pr, m2, l);
+    typedef typename VecTraits<typename Cfg::T>::type Vec;
+    Vec mx = Vec{} - std::numeric_limits<typename Cfg::T>::infinity();
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * F::V, mx);
+    fixed_probs<Cfg>(sc, mx, scale2, pr, m2, l);
 }
 
 // The same for two queries stacked on axis 1 (see fixed_dot_rows2; sc: 2 * NSEG vectors of scratch).
@@ -447,11 +477,13 @@ NATGEN_FIXED_TARGET void fixed_softmax2(const typename Cfg::T* __restrict kb, co
                                   typename Cfg::T* __restrict prb, typename Cfg::T* m2, typename Cfg::T* l) {
     typedef FixedFwd<Cfg> F;
     constexpr int NS = F::NSEG * F::V;
+    typedef typename VecTraits<typename Cfg::T>::type Vec;
+    Vec mxa = Vec{} - std::numeric_limits<typename Cfg::T>::infinity(), mxb = mxa;
     for (int a0 = 0; a0 < F::K0; ++a0)
         fixed_dot_rows2<Cfg, DV, 0>(kb + a0 * F::PLANE, xa, xb, sc + a0 * F::K1 * F::CH * F::V,
-                                    sc + NS + a0 * F::K1 * F::CH * F::V);
-    fixed_probs<Cfg>(sc, scale2, pra, m2[0], l[0]);
-    fixed_probs<Cfg>(sc + NS, scale2, prb, m2[1], l[1]);
+                                    sc + NS + a0 * F::K1 * F::CH * F::V, mxa, mxb);
+    fixed_probs<Cfg>(sc, mxa, scale2, pra, m2[0], l[0]);
+    fixed_probs<Cfg>(sc + NS, mxb, scale2, prb, m2[1], l[1]);
 }
 
 // 16-bit inputs (Args::input_dtype: bf16, f16) are widened as gathered, queries a row at a time into qw,
@@ -497,18 +529,27 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
         hi[d] = std::min(lo[d] + p.tile[d], t.ax[d]->length);
     }
     const int64_t step2 = a.dilation[2] * a.heads;
+    const UnionStrides<Cfg> ust;
+    const T* vsrc = reinterpret_cast<const T*>(a.v);
+    const int64_t vrow = a.heads_kv * F::HD;  // one token of v
+    const SourceStrides sst{a.dilation[0] * a.length[1] * a.length[2] * vrow, a.dilation[1] * a.length[2] * vrow,
+                            a.dilation[2] * vrow};
     // queries in 2 x 2 blocks (two rows of axis 1, two neighbours on the last axis): scores of the two queries
     // stacked on axis 1 together (fixed_softmax2), P.V of the two side by side on the last axis together
     for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
     for (int64_t l1 = lo[1]; l1 < hi[1]; l1 += 2) {
         const int nr = l1 + 1 < hi[1] ? 2 : 1;
         const int64_t x0 = l0 * a.dilation[0] + t.ax[0]->group;
-        int64_t corner01[2], row01[2];
+        int64_t corner01[2], row01[2], vcorner01[2];
         for (int i = 0; i < nr; ++i) {
             const int64_t x1 = (l1 + i) * a.dilation[1] + t.ax[1]->group;
             corner01[i] = ((t.ax[0]->start[l0] - g.lo[0]) * F::ROWS1 + t.ax[1]->start[l1 + i] - g.lo[1]) * F::ROWLEN -
                           g.lo[2];
             row01[i] = (t.b * p.tokens + (x0 * a.length[1] + x1) * a.length[2] + t.ax[2]->group) * a.heads + t.h;
+            const int64_t w0 = t.ax[0]->start[l0] * a.dilation[0] + t.ax[0]->group;
+            const int64_t w1 = t.ax[1]->start[l1 + i] * a.dilation[1] + t.ax[1]->group;
+            vcorner01[i] = ((t.b * p.tokens + (w0 * a.length[1] + w1) * a.length[2] + t.ax[2]->group) * a.heads_kv +
+                            t.hk) * F::HD;
         }
         const int64_t dv = nr == 2 ? (corner01[1] - corner01[0]) / F::ROWLEN : -1;
         for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += 2) {
@@ -542,15 +583,23 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
             for (int i = 0; i < nr; ++i) {
                 const T* pa = pr + 2 * i * NS;
                 const int64_t delta = n == 2 ? corner[i][1] - corner[i][0] : -1;
-                if (delta == 1)
-                    fixed_pv2<Cfg, 0, 1>(vu + corner[i][0] * F::HD, pa, pa + NS, output(i, 0, row[i][0]),
-                                         output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
-                else if (delta == 0)
-                    fixed_pv2<Cfg, 0, 0>(vu + corner[i][0] * F::HD, pa, pa + NS, output(i, 0, row[i][0]),
-                                         output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
+                auto pv = [&](const auto& st, auto corner_of) {
+                    if (delta == 1)
+                        fixed_pv2<Cfg, 0, 1>(corner_of(0), st, pa, pa + NS, output(i, 0, row[i][0]),
+                                             output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
+                    else if (delta == 0)
+                        fixed_pv2<Cfg, 0, 0>(corner_of(0), st, pa, pa + NS, output(i, 0, row[i][0]),
+                                             output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
+                    else
+                        for (int k = 0; k < n; ++k)
+                            fixed_pv<Cfg, 0>(corner_of(k), st, pa + k * NS, output(i, k, row[i][k]), inv[i][k]);
+                };
+                if (in)
+                    pv(ust, [&](int k) { return vu + corner[i][k] * F::HD; });
                 else
-                    for (int k = 0; k < n; ++k)
-                        fixed_pv<Cfg, 0>(vu + corner[i][k] * F::HD, pa + k * NS, output(i, k, row[i][k]), inv[i][k]);
+                    pv(sst, [&](int k) {
+                        return vsrc + vcorner01[i] + t.ax[2]->start[l2 + k] * sst.s2;
+                    });
                 if (in)
                     for (int k = 0; k < n; ++k) output_rows<T>(in, ow[i][k], F::HD, a.out, row[i][k] * F::HD);
             }
