@@ -213,7 +213,8 @@ NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restri
 // a query reads lies at a compile-time offset from its window corner: one pointer, immediate displacements,
 // unrolled channel loops (the runtime-offset version spent its hot loop reloading spilled offsets).
 
-// kt[d * KEYS + slot] (keys transposed) and vu[slot * HD + d] (values row-major) for the union slots
+// kt[d * KEYS + slot] (keys transposed) and, for 16-bit inputs, vu[slot * HD + d] (values widened, row-major;
+// fp32 values are read where they are, see SourceStrides) for the union slots
 // slot = (u0 * ROWS1 + u1) * ROWLEN + u2. Key columns past the union read zeros; slots no query reads keep
 // whatever an earlier tile left (only masked score lanes read them; values there are never read).
 template <class Cfg, typename In>
@@ -250,8 +251,8 @@ NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry&
 // The lanes' max of a query's scores so far with one more vector of them (the c-th of a window row; lanes
 // past a row's last key are not its keys). A NaN score leaves the max alone, as the softmax pass's compare did.
 template <class Cfg>
-NATGEN_INLINE typename VecTraits<typename Cfg::T>::type running_max(typename VecTraits<typename Cfg::T>::type mx,
-                                                                    typename VecTraits<typename Cfg::T>::type x, int c) {
+NATGEN_INLINE typename VecTraits<typename Cfg::T>::type running_max(
+    typename VecTraits<typename Cfg::T>::type mx, typename VecTraits<typename Cfg::T>::type x, int c) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
@@ -260,7 +261,9 @@ NATGEN_INLINE typename VecTraits<typename Cfg::T>::type running_max(typename Vec
 }
 
 // Scores of window rows [R0, K1) of one window plane, in blocks of up to 12 accumulators held in registers.
-// (Two accumulator sets over even / odd channels, against FMA latency, measured slower: 0.93 vs 1.00 ms.)
+// A block of at most 6 (a 1-D window: one row of CH vectors) keeps two accumulator sets, over even and odd
+// channels, so the FMA units are not left waiting on their own latency (cpu-1d forward, 1 thread: 7.38 -> 6.93 ms).
+// (Where a block has 12, the two sets measured slower: 0.93 vs 1.00 ms.)
 template <class Cfg, int R0>
 NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
                                   typename Cfg::T* __restrict sc, typename VecTraits<typename Cfg::T>::type& mx) {
@@ -269,20 +272,27 @@ NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const ty
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
     constexpr int NB = std::min(std::max(1, 12 / F::CH), F::K1 - R0);
-    Vec acc[NB * F::CH];
-    for (int i = 0; i < NB * F::CH; ++i) acc[i] = Vec{};
+    constexpr int NA = NB * F::CH;
+    constexpr int SETS = 2 * NA <= 12 && F::HD % 2 == 0 ? 2 : 1;
+    Vec acc[SETS][NA];
+    for (int k = 0; k < SETS; ++k)
+        for (int i = 0; i < NA; ++i) acc[k][i] = Vec{};
 #pragma GCC unroll 4
-    for (int d = 0; d < F::HD; ++d) {
-        const T xd = x[d];  // a scalar times a vector: one broadcast load
-        const T* row = kb + d * F::KEYS + R0 * F::ROWLEN;
+    for (int d = 0; d < F::HD; d += SETS) {
+#pragma GCC unroll 2
+        for (int k = 0; k < SETS; ++k) {
+            const T xd = x[d + k];  // a scalar times a vector: one broadcast load
+            const T* row = kb + (d + k) * F::KEYS + R0 * F::ROWLEN;
 #pragma GCC unroll 64
-        for (int r = 0; r < NB; ++r)
+            for (int r = 0; r < NB; ++r)
 #pragma GCC unroll 16
-            for (int c = 0; c < F::CH; ++c) acc[r * F::CH + c] += xd * load<T>(row + r * F::ROWLEN + c * V);
+                for (int c = 0; c < F::CH; ++c) acc[k][r * F::CH + c] += xd * load<T>(row + r * F::ROWLEN + c * V);
+        }
     }
-    for (int i = 0; i < NB * F::CH; ++i) {
-        store<T>(sc + (R0 * F::CH + i) * V, acc[i]);
-        mx = running_max<Cfg>(mx, acc[i], i % F::CH);
+    for (int i = 0; i < NA; ++i) {
+        const Vec total = SETS == 2 ? acc[0][i] + acc[SETS - 1][i] : acc[0][i];
+        store<T>(sc + (R0 * F::CH + i) * V, total);
+        mx = running_max<Cfg>(mx, total, i % F::CH);
     }
     if constexpr (R0 + NB < F::K1) fixed_dot_rows<Cfg, R0 + NB>(kb, x, sc, mx);
 }
@@ -291,8 +301,8 @@ NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const ty
 // gathered union (compile-time: immediate displacements), or in v itself (fp32 inputs, whose values the P.V
 // reads in place: no copy, and its loads overlap the tile's arithmetic where a gather would stall on them).
 template <class Cfg> struct UnionStrides {
-    static constexpr int64_t s0 = FixedFwd<Cfg>::PLANE * FixedFwd<Cfg>::HD, s1 = FixedFwd<Cfg>::ROWLEN * FixedFwd<Cfg>::HD,
-                             s2 = FixedFwd<Cfg>::HD;
+    typedef FixedFwd<Cfg> F;
+    static constexpr int64_t s0 = F::PLANE * F::HD, s1 = F::ROWLEN * F::HD, s2 = F::HD;
 };
 struct SourceStrides {
     int64_t s0, s1, s2;
@@ -329,7 +339,8 @@ NATGEN_INLINE void fixed_pv(const typename Cfg::T* __restrict vb, const S& st, c
 // shifted by DELTA (1 in the interior, 0 where B's window is clamped onto A's): each value row is loaded once
 // for both. Within a window row, key n of A is value slot n and key n - DELTA of B.
 template <class Cfg, int NVB, int DELTA, class S>
-NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const S& st, const typename Cfg::T* __restrict wa,
+NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const S& st,
+                                 const typename Cfg::T* __restrict wa,
                                  const typename Cfg::T* __restrict wb, typename VecTraits<typename Cfg::T>::type* acc_a,
                                  typename VecTraits<typename Cfg::T>::type* acc_b) {
     typedef typename Cfg::T T;
@@ -361,7 +372,8 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const S& 
 }
 
 template <class Cfg, int J0, int DELTA, class S>
-NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const S st, const typename Cfg::T* __restrict pa,
+NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const S st,
+                                   const typename Cfg::T* __restrict pa,
                              const typename Cfg::T* __restrict pb, typename Cfg::T* __restrict oa,
                              typename Cfg::T* __restrict ob, typename Cfg::T inv_a, typename Cfg::T inv_b) {
     typedef typename Cfg::T T;
