@@ -129,16 +129,25 @@ NATGEN_INLINE void skew_block(const T* __restrict w, const T* const* x, int lane
     for (int64_t r = 0; r < rows; ++r) {
         const T* wr = w + r * cols * V;
         for (int64_t t = 0; t < cols + lanes - 1; ++t) {
-            Vec acc[NVEC];
-            for (int v = 0; v < NVEC; ++v) acc[v] = Vec{};
+            // two sets, even and odd lanes: NVEC chains alone would wait on the FMA latency (cpu-1d backward)
+            Vec acc[2][NVEC];
+            for (int v = 0; v < NVEC; ++v) acc[0][v] = acc[1][v] = Vec{};
             const int64_t jlo = std::max<int64_t>(0, t - cols + 1), jhi = std::min<int64_t>(lanes, t + 1);
-            for (int64_t j = jlo; j < jhi; ++j) {
+            int64_t j = jlo;
+            for (; j + 1 < jhi; j += 2)
+                for (int k = 0; k < 2; ++k) {
+                    const T wj = wr[(t - j - k) * V + j + k];
+                    const T* xj = x[j + k] + d0;
+                    for (int v = 0; v < NVEC; ++v) acc[k][v] += wj * load<T>(xj + v * V);
+                }
+            if (j < jhi) {
                 const T wj = wr[(t - j) * V + j];
                 const T* xj = x[j] + d0;
-                for (int v = 0; v < NVEC; ++v) acc[v] += wj * load<T>(xj + v * V);
+                for (int v = 0; v < NVEC; ++v) acc[0][v] += wj * load<T>(xj + v * V);
             }
             T* o = dst + (row_off[r] + t) * dim + d0;
-            for (int v = 0; v < NVEC; ++v) store<T>(o + v * V, load<T>(o + v * V) + alpha * acc[v]);
+            for (int v = 0; v < NVEC; ++v)
+                store<T>(o + v * V, load<T>(o + v * V) + alpha * (acc[0][v] + acc[1][v]));
         }
     }
     const T* we = w + rows * cols * V;
