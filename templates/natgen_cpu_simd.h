@@ -132,14 +132,18 @@ NATGEN_INLINE void transpose8(Vec8* x) {
             x[l + k + 2] = __builtin_shuffle(y[l + k], y[l + k + 2], IVec{2, 3, 10, 11, 6, 7, 14, 15});
         }
     }
-    // x[0] = rows 0-3 channels {0, 4}, x[2] = {1, 5}, x[1] = {2, 6}, x[3] = {3, 7}; x[4..8) rows 4-7 likewise
-    const int order[4] = {0, 2, 1, 3};
-    for (int j = 0; j < 4; ++j) {
-        const Vec a = x[order[j]], b = x[4 + order[j]];
-        y[j] = __builtin_shuffle(a, b, IVec{0, 1, 2, 3, 8, 9, 10, 11});
-        y[j + 4] = __builtin_shuffle(a, b, IVec{4, 5, 6, 7, 12, 13, 14, 15});
-    }
-    for (int j = 0; j < 8; ++j) x[j] = y[j];
+    // x[0] = rows 0-3 channels {0, 4}, x[2] = {1, 5}, x[1] = {2, 6}, x[3] = {3, 7}; x[4..8) rows 4-7 likewise.
+    // (spelled out: an index table here is one more way to keep x out of registers)
+    const IVec lo{0, 1, 2, 3, 8, 9, 10, 11}, hi{4, 5, 6, 7, 12, 13, 14, 15};
+    const Vec x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3], x4 = x[4], x5 = x[5], x6 = x[6], x7 = x[7];
+    x[0] = __builtin_shuffle(x0, x4, lo);
+    x[4] = __builtin_shuffle(x0, x4, hi);
+    x[1] = __builtin_shuffle(x2, x6, lo);
+    x[5] = __builtin_shuffle(x2, x6, hi);
+    x[2] = __builtin_shuffle(x1, x5, lo);
+    x[6] = __builtin_shuffle(x1, x5, hi);
+    x[3] = __builtin_shuffle(x3, x7, lo);
+    x[7] = __builtin_shuffle(x3, x7, hi);
 }
 
 // dst[d * ld + j] = r[j][d] for d < n, j < V: V rows side by side (a lane buffer when ld = V); f32 in 8 x 8
@@ -155,6 +159,9 @@ NATGEN_INLINE void rows_to_lanes(const In* const* r, int64_t n, T* __restrict ds
                 Vec8 x[8];
                 for (int l = 0; l < 8; ++l) x[l] = load8(r[j0 + l] + d);
                 transpose8(x);
+                // unrolled, so x stays in registers (a loop here kept it on the stack and copied it out 16 bytes
+                // at a time: the forward gather's hottest lines)
+#pragma GCC unroll 8
                 for (int j = 0; j < 8; ++j) std::memcpy(dst + (d + j) * ld + j0, &x[j], sizeof(Vec8));
             }
     }
@@ -173,6 +180,7 @@ NATGEN_INLINE void lanes_to_rows(const T* __restrict src, int64_t n, T* const* r
                 Vec8 x[8];
                 for (int l = 0; l < 8; ++l) std::memcpy(&x[l], src + (d + l) * V + j0, sizeof(Vec8));
                 transpose8(x);
+#pragma GCC unroll 8  // (as in rows_to_lanes)
                 for (int j = 0; j < 8; ++j) std::memcpy(r[j0 + j] + d, &x[j], sizeof(Vec8));
             }
     }
