@@ -146,12 +146,12 @@ class CpuCall(Resolved):
             log.info("natgen: %s runs the CPU ISA variant %s", self.instance.name, cpu_isa.describe())
         return self._module
 
-    def _first_fast(self, q, k, v):
+    def _first_fast(self, q, k, v, with_lse=True):
         self.fast = self._fast_runner()
-        return self.fast(q, k, v) if self.fast is not None else None
+        return self.fast(q, k, v, with_lse) if self.fast is not None else None
 
     def _fast_runner(self):
-        """(q, k, v) -> (out, lse) for calls without extra tokens whose tensors the kernel reads as they are
+        """(q, k, v, with_lse=True) -> (out, lse; None without with_lse) for calls without extra tokens whose tensors the kernel reads as they are
         (float32, or a dtype of its "inputs"), or None for tensors it cannot pass as they are (not contiguous):
         the caller then takes forward()."""
         dtype, out_shape, lse_shape = self.input_dtype, self.out_shape, self.out_shape[:-1]
@@ -164,13 +164,15 @@ class CpuCall(Resolved):
             return None  # the direct path below writes these five first; any other layout takes forward()
         tail = (0,) * (len(order) - 5)
 
-        def run(q, k, v):
+        def run(q, k, v, with_lse=True):
             if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
                 return None
             entry = blocks.block(get_threads())
-            out, lse = empty(out_shape, dtype=dtype), empty(lse_shape, dtype=torch.float32)
+            out = empty(out_shape, dtype=dtype)
+            # without lse (a null pointer: the kernel then writes none), a call saves its allocation (~5 us)
+            lse = empty(lse_shape, dtype=torch.float32) if with_lse else None
             pack_into(entry[0], offset, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                      lse.data_ptr(), *tail)
+                      lse.data_ptr() if with_lse else 0, *tail)
             call(entry[1], fields)
             return out, lse
 

@@ -116,7 +116,7 @@ def neighborhood_attention(rank, q, k, v, kernel_size, stride=1, dilation=1, is_
         if not needs_grad:
             fast = resolved.fast
             if fast is not None and additional_keys is None and rpb is None:
-                result = fast(q, k, v)
+                result = fast(q, k, v, return_lse)
                 if result is not None:
                     return result if return_lse else result[0]
             tensors = [_contiguous(t) for t in (q, k, v, additional_keys, additional_values, rpb)]

@@ -23,7 +23,8 @@ class Resolved:
     `backward(q, k, v, extra_k, extra_v, out, lse, grad_out, grad_lse, rpb) -> (grad_q, grad_k, grad_v,
     grad_extra_k, grad_extra_v, grad_rpb)`, or None where the backend has no backward kernel for the problem
     (its gradients are then recomputed through the reference);
-    `fast`, where set, is `(q, k, v) -> (out, lse) or None` for calls without extra tokens or grads."""
+    `fast`, where set, is `(q, k, v, with_lse=True) -> (out, lse) or None` for calls without extra tokens or
+    grads (lse None where with_lse is false)."""
 
     fast: Optional[Callable] = None
     backward_reason: Optional[str] = "the backend has no backward kernels"  # why backward() returns None

@@ -75,7 +75,9 @@ namespace avx512 {
 #define NATGEN_VEC_BYTES 64
 #define NATGEN_FIXED_PATHS 1
 #define NATGEN_F16C 1
+#define NATGEN_AVX 1
 #include "natgen_cpu_variant.h"
+#undef NATGEN_AVX
 #undef NATGEN_F16C
 #undef NATGEN_FIXED_PATHS
 #undef NATGEN_VEC_BYTES
@@ -90,7 +92,9 @@ namespace avx2 {
 #define NATGEN_VEC_BYTES 32
 #define NATGEN_FIXED_PATHS 1
 #define NATGEN_F16C 1
+#define NATGEN_AVX 1
 #include "natgen_cpu_variant.h"
+#undef NATGEN_AVX
 #undef NATGEN_F16C
 #undef NATGEN_FIXED_PATHS
 #undef NATGEN_VEC_BYTES
@@ -104,7 +108,9 @@ namespace portable {
 #define NATGEN_VEC_BYTES 32
 #define NATGEN_FIXED_PATHS 0
 #define NATGEN_F16C 0
+#define NATGEN_AVX 0
 #include "natgen_cpu_variant.h"
+#undef NATGEN_AVX
 #undef NATGEN_F16C
 #undef NATGEN_FIXED_PATHS
 #undef NATGEN_VEC_BYTES

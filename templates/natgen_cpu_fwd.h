@@ -257,7 +257,7 @@ NATGEN_INLINE typename VecTraits<typename Cfg::T>::type running_max(
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
     if (c == F::CH - 1 && F::LAST < F::V) x = lane_mask<T>(F::LAST) ? x : Vec{} - std::numeric_limits<T>::infinity();
-    return x > mx ? x : mx;
+    return max_ps(x, mx);
 }
 
 // Scores of window rows [R0, K1) of one window plane, in blocks of up to 12 accumulators held in registers.
@@ -442,60 +442,72 @@ NATGEN_INLINE void fixed_dot_rows2(const typename Cfg::T* __restrict kb, const t
     if constexpr (U0 + NB < NU) fixed_dot_rows2<Cfg, DV, U0 + NB>(kb, xa, xb, sca, scb, mxa, mxb);
 }
 
-// Softmax of one query's scores: pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2, with
-// m2 = scale2 * (the query's max score: running_max's lanes, gathered as the scores were stored; scale2 > 0,
-// as the problem's checks require of the scale); returns m2 and the sum l. The exponent's argument is one FMA.
+// Scores of one query (sc: NSEG vectors) and the lanes of its running max (mx).
 template <class Cfg>
-NATGEN_INLINE void fixed_probs(const typename Cfg::T* __restrict sc, typename VecTraits<typename Cfg::T>::type mx,
-                               typename Cfg::T scale2, typename Cfg::T* __restrict pr, typename Cfg::T& m2,
-                               typename Cfg::T& l) {
+NATGEN_INLINE void fixed_scores(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
+                                typename Cfg::T* __restrict sc, typename VecTraits<typename Cfg::T>::type* mx) {
+    typedef FixedFwd<Cfg> F;
+    typedef typename VecTraits<typename Cfg::T>::type Vec;
+    Vec m = Vec{} - std::numeric_limits<typename Cfg::T>::infinity();
+    for (int a0 = 0; a0 < F::K0; ++a0) fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * F::V, m);
+    *mx = m;
+}
+
+// The same for two queries stacked on axis 1 (see fixed_dot_rows2): A's into sca and mxa, B's into scb and mxb.
+template <class Cfg, int DV>
+NATGEN_FIXED_TARGET void fixed_scores2(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict xa,
+                                       const typename Cfg::T* __restrict xb, typename Cfg::T* __restrict sca,
+                                       typename Cfg::T* __restrict scb, typename VecTraits<typename Cfg::T>::type* mxa,
+                                       typename VecTraits<typename Cfg::T>::type* mxb) {
+    typedef FixedFwd<Cfg> F;
+    typedef typename VecTraits<typename Cfg::T>::type Vec;
+    Vec ma = Vec{} - std::numeric_limits<typename Cfg::T>::infinity(), mb = ma;
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        fixed_dot_rows2<Cfg, DV, 0>(kb + a0 * F::PLANE, xa, xb, sca + a0 * F::K1 * F::CH * F::V,
+                                    scb + a0 * F::K1 * F::CH * F::V, ma, mb);
+    *mxa = ma;
+    *mxb = mb;
+}
+
+// Softmax of four queries' scores (query q's NSEG vectors at sc[q], its probabilities to pr[q]):
+// pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2, with m2 = scale2 * (the query's max
+// score: its running max's lanes, mx[q]; scale2 > 0, as the problem's checks require of the scale); m2[q] and
+// the sum l[q] returned. The exponent's argument is one FMA. Four at a time, interleaved: one query's chain
+// (lanes' max -> exponentials -> sum -> lanes' sum) is mostly latency, which four independent ones hide, and
+// the four horizontal reductions share their shuffles (hmax4, hsum4). Fewer queries repeat one (the same
+// pointers: the same values written twice), so every query's numbers come out of the same instructions.
+template <class Cfg>
+NATGEN_FIXED_TARGET void fixed_probs4(const typename Cfg::T* const* sc, const typename VecTraits<typename Cfg::T>::type* mx,
+                                      typename Cfg::T scale2, typename Cfg::T* const* pr, typename Cfg::T* m2,
+                                      typename Cfg::T* l) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
     const auto last = lane_mask<T>(F::LAST);
-    m2 = hmax(mx) * scale2;
-    const T minus_m2 = -m2;
-    Vec vsum = Vec{};
+    T mq[4];
+    hmax4(mx, mq);
+    Vec bias[4], vsum[4];
+    for (int q = 0; q < 4; ++q) {
+        m2[q] = mq[q] * scale2;
+        bias[q] = Vec{} - m2[q];
+        vsum[q] = Vec{};
+    }
+    const T* src[4] = {sc[0], sc[1], sc[2], sc[3]};
+    T* dst[4] = {pr[0], pr[1], pr[2], pr[3]};
+#pragma GCC unroll 16
     for (int r = 0; r < F::ROWS; ++r)
 #pragma GCC unroll 16
-        for (int c = 0; c < F::CH; ++c) {
-            Vec e = exp2_vec(load<T>(sc + (r * F::CH + c) * V) * scale2 + minus_m2);
-            if (c == F::CH - 1 && F::LAST < V) e = last ? e : Vec{};
-            store<T>(pr + (r * F::CH + c) * V, e);
-            vsum += e;
-        }
-    l = hsum(vsum);
-}
-
-// Scores and softmax of one query (sc: NSEG vectors of scratch).
-template <class Cfg>
-NATGEN_INLINE void fixed_softmax(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict x,
-                                 typename Cfg::T scale2, typename Cfg::T* __restrict sc,
-                                 typename Cfg::T* __restrict pr, typename Cfg::T& m2, typename Cfg::T& l) {
-    typedef FixedFwd<Cfg> F;
-    typedef typename VecTraits<typename Cfg::T>::type Vec;
-    Vec mx = Vec{} - std::numeric_limits<typename Cfg::T>::infinity();
-    for (int a0 = 0; a0 < F::K0; ++a0)
-        fixed_dot_rows<Cfg, 0>(kb + a0 * F::PLANE, x, sc + a0 * F::K1 * F::CH * F::V, mx);
-    fixed_probs<Cfg>(sc, mx, scale2, pr, m2, l);
-}
-
-// The same for two queries stacked on axis 1 (see fixed_dot_rows2; sc: 2 * NSEG vectors of scratch).
-template <class Cfg, int DV>
-NATGEN_FIXED_TARGET void fixed_softmax2(const typename Cfg::T* __restrict kb, const typename Cfg::T* __restrict xa,
-                                  const typename Cfg::T* __restrict xb, typename Cfg::T scale2,
-                                  typename Cfg::T* __restrict sc, typename Cfg::T* __restrict pra,
-                                  typename Cfg::T* __restrict prb, typename Cfg::T* m2, typename Cfg::T* l) {
-    typedef FixedFwd<Cfg> F;
-    constexpr int NS = F::NSEG * F::V;
-    typedef typename VecTraits<typename Cfg::T>::type Vec;
-    Vec mxa = Vec{} - std::numeric_limits<typename Cfg::T>::infinity(), mxb = mxa;
-    for (int a0 = 0; a0 < F::K0; ++a0)
-        fixed_dot_rows2<Cfg, DV, 0>(kb + a0 * F::PLANE, xa, xb, sc + a0 * F::K1 * F::CH * F::V,
-                                    sc + NS + a0 * F::K1 * F::CH * F::V, mxa, mxb);
-    fixed_probs<Cfg>(sc, mxa, scale2, pra, m2[0], l[0]);
-    fixed_probs<Cfg>(sc + NS, mxb, scale2, prb, m2[1], l[1]);
+        for (int c = 0; c < F::CH; ++c)
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) {
+                const int64_t at = (r * F::CH + c) * V;
+                Vec e = exp2_vec(load<T>(src[q] + at) * scale2 + bias[q]);
+                if (c == F::CH - 1 && F::LAST < V) e = last ? e : Vec{};
+                store<T>(dst[q] + at, e);
+                vsum[q] += e;
+            }
+    hsum4(vsum, l);
 }
 
 // 16-bit inputs (Args::input_dtype: bf16, f16) are widened as gathered, queries a row at a time into qw,
@@ -568,29 +580,44 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
             const int n = l2 + 1 < hi[2] ? 2 : 1;
             int64_t row[2][2], corner[2][2];
             T inv[2][2];
+            // query (i, k) is number 2 i + k: its scores at sc + (2 i + k) NS, its probabilities at pr + (2 i + k) NS
+            alignas(64) Vec mx[4];
             for (int k = 0; k < n; ++k) {
-                const int64_t slot = l2 + k - lo[2];
                 const T* qk[2];
                 for (int i = 0; i < nr; ++i) {
                     row[i][k] = row01[i] + (l2 + k) * step2;
                     corner[i][k] = corner01[i] + t.ax[2]->start[l2 + k];
                     qk[i] = query(i, k, row[i][k]);
                 }
-                T m2[2], l[2];
                 if (dv == 1)
-                    fixed_softmax2<Cfg, 1>(kt + corner[0][k], qk[0], qk[1], scale2, sc, pr + k * NS, pr + (2 + k) * NS,
-                                           m2, l);
+                    fixed_scores2<Cfg, 1>(kt + corner[0][k], qk[0], qk[1], sc + k * NS, sc + (2 + k) * NS, mx + k,
+                                          mx + 2 + k);
                 else if (dv == 0)
-                    fixed_softmax2<Cfg, 0>(kt + corner[0][k], qk[0], qk[1], scale2, sc, pr + k * NS, pr + (2 + k) * NS,
-                                           m2, l);
+                    fixed_scores2<Cfg, 0>(kt + corner[0][k], qk[0], qk[1], sc + k * NS, sc + (2 + k) * NS, mx + k,
+                                          mx + 2 + k);
                 else
                     for (int i = 0; i < nr; ++i)
-                        fixed_softmax<Cfg>(kt + corner[i][k], qk[i], scale2, sc, pr + (2 * i + k) * NS, m2[i], l[i]);
-                for (int i = 0; i < nr; ++i) {
-                    inv[i][k] = T(1) / l[i];
-                    row_m2[i][slot] = m2[i];
-                    row_l[i][slot] = l[i];
+                        fixed_scores<Cfg>(kt + corner[i][k], qk[i], sc + (2 * i + k) * NS, mx + 2 * i + k);
+            }
+            {
+                const T* scq[4];
+                T* prq[4];
+                Vec mxq[4];
+                for (int j = 0; j < 4; ++j) {  // queries missing from the block repeat query 0 (fixed_probs4)
+                    const int q = j / 2 < nr && j % 2 < n ? j : 0;
+                    scq[j] = sc + q * NS;
+                    prq[j] = pr + q * NS;
+                    mxq[j] = mx[q];
                 }
+                T m2[4], l[4];
+                fixed_probs4<Cfg>(scq, mxq, scale2, prq, m2, l);
+                for (int i = 0; i < nr; ++i)
+                    for (int k = 0; k < n; ++k) {
+                        const int64_t slot = l2 + k - lo[2];
+                        inv[i][k] = T(1) / l[2 * i + k];
+                        row_m2[i][slot] = m2[2 * i + k];
+                        row_l[i][slot] = l[2 * i + k];
+                    }
             }
             for (int i = 0; i < nr; ++i) {
                 const T* pa = pr + 2 * i * NS;

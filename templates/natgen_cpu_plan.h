@@ -230,8 +230,8 @@ template <typename T> struct FwdScratch {
         kt.assign(std::max(p.hd * n, p.hd * p.fixed_keys) + 64 / sizeof(T), T(0));  // + room to align
         vu.assign(std::max(p.hdv_padded * n, p.hdv * p.fixed_keys) + 64 / sizeof(T), T(0));
         acc.assign(p.hdv_padded + V, T(0));
-        scores.assign(2 * p.max_segments * V, T(0));  // the fixed forward's query pairs
-        probs.assign(4 * p.max_segments * V, T(0));   // and its 2 x 2 query blocks
+        scores.assign(4 * p.max_segments * V, T(0));  // the fixed forward's 2 x 2 query blocks
+        probs.assign(4 * p.max_segments * V, T(0));
         valid.assign(p.max_segments, 0);
         bases.assign(p.max_segments, 0);
         zeros.assign(std::max(p.hd, p.hdv_padded), T(0));

@@ -219,27 +219,43 @@ NATGEN_INLINE VecTraits<double>::type lanewise(VecTraits<double>::type x, double
 }
 NATGEN_INLINE VecTraits<double>::type exp_vec(VecTraits<double>::type x) { return lanewise(x, std::exp); }
 
+// a > b ? a : b lane by lane, so b where either is NaN: one maxps where GCC emits a compare and a blend
+NATGEN_INLINE VecTraits<float>::type max_ps(VecTraits<float>::type a, VecTraits<float>::type b) {
+#if NATGEN_AVX && NATGEN_VEC_BYTES == 64
+    return VecTraits<float>::type(_mm512_max_ps(__m512(a), __m512(b)));
+#elif NATGEN_AVX
+    return VecTraits<float>::type(_mm256_max_ps(__m256(a), __m256(b)));
+#else
+    return a > b ? a : b;
+#endif
+}
+NATGEN_INLINE VecTraits<double>::type max_ps(VecTraits<double>::type a, VecTraits<double>::type b) {
+    return a > b ? a : b;
+}
+
 // 2^y for y <= 0 (the specialized forward's softmax, whose scores are pre-scaled by log2(e)): y = n + f with n
-// = round(y) by the 1.5 * 2^23 trick (whose low mantissa bits are then n), 2^f on |f| <= 1/2 by its degree-6
-// Taylor polynomial (relative error <= 1.7e-7), and n added into the exponent. Below -126 the result is 2^-126
-// times the polynomial, i.e. a value the softmax rounds away against its max term (whose 2^y is 1).
+// = round(y) by the 1.5 * 2^23 trick (whose low mantissa bits are then n), 2^f on |f| <= 1/2 by a degree-5
+// polynomial with constant term 1, fitted here for the least relative error (9.2e-8; 1.7e-7 evaluated in f32,
+// where the degree-6 Taylor polynomial it replaces measured 2.2e-7), and n added into the exponent: the bits of
+// t = 1.5 * 2^23 + n are 0x4B400000 + n, and 0x4B400000 << 23 is 0 in 32 bits, so t's bits << 23 are n << 23.
+// Below -126 the result is 2^-126 times the polynomial, i.e. a value the softmax rounds away against its max
+// term (whose 2^y is 1). The clamp is one max, written so that a NaN y stays NaN.
 NATGEN_INLINE VecTraits<float>::type exp2_vec(VecTraits<float>::type y) {
     typedef VecTraits<float>::type Vec;
     typedef VecTraits<float>::itype IVec;
-    y = y < -126.0f ? Vec{} - 126.0f : y;
+    y = max_ps(Vec{} - 126.0f, y);
     const Vec t = y + 12582912.0f;
     const Vec f = y - (t - 12582912.0f);
-    Vec e = Vec{} + 1.5403530393381606e-4f;      // ln2^6 / 720
-    e = e * f + 1.3333558146428443e-3f;          // ln2^5 / 120
-    e = e * f + 9.6181291076284772e-3f;          // ln2^4 / 24
-    e = e * f + 5.5504108664821580e-2f;          // ln2^3 / 6
-    e = e * f + 2.4022650695910071e-1f;          // ln2^2 / 2
-    e = e * f + 6.9314718055994531e-1f;          // ln2
+    Vec e = Vec{} + 1.326469877075298e-3f;
+    e = e * f + 9.671508817438643e-3f;
+    e = e * f + 5.550733776482303e-2f;
+    e = e * f + 2.4022242145351555e-1f;
+    e = e * f + 6.931469776119841e-1f;
     e = e * f + 1.0f;
     IVec tb, eb;
     std::memcpy(&tb, &t, sizeof(tb));
     std::memcpy(&eb, &e, sizeof(eb));
-    eb += (tb - 0x4B400000) << 23;
+    eb += tb << 23;
     std::memcpy(&e, &eb, sizeof(e));
     return e;
 }
@@ -309,3 +325,33 @@ NATGEN_INLINE float hsum(VecTraits<float>::type v) {
     return x[0];
 }
 
+
+// Horizontal max / sum of four vectors at once (out[q] reduces x[q]): f32 shares the shuffles between the
+// four (a 16-lane vector's upper half folded onto its lower first), 11 instructions where one vector at a time
+// takes 24, and fewer steps on the critical path; the sum adds lanes in the order {0, 2}, {1, 3}, then the
+// pairs, then the two halves (a fixed order: the same bits for a vector whichever of the four it is).
+template <typename Vec, typename S> NATGEN_INLINE void hmax4(const Vec* x, S* out) {
+    for (int q = 0; q < 4; ++q) out[q] = hmax(x[q]);
+}
+template <typename Vec, typename S> NATGEN_INLINE void hsum4(const Vec* x, S* out) {
+    for (int q = 0; q < 4; ++q) out[q] = hsum(x[q]);
+}
+template <bool MAX> NATGEN_INLINE Vec8 reduce4(const VecTraits<float>::type* v) {
+    typedef IVec8 IVec;
+    auto op = [](Vec8 a, Vec8 b) { return MAX ? (a > b ? a : b) : a + b; };
+    const Vec8 a = fold8(v[0], MAX), b = fold8(v[1], MAX), c = fold8(v[2], MAX), d = fold8(v[3], MAX);
+    // lanes {a0.2, b0.2, a1.3, b1.3, a4.6, b4.6, a5.7, b5.7} (x0.2: lanes 0 and 2 of x reduced); y likewise
+    const Vec8 x = op(__builtin_shuffle(a, b, IVec{0, 8, 1, 9, 4, 12, 5, 13}), __builtin_shuffle(a, b, IVec{2, 10, 3, 11, 6, 14, 7, 15}));
+    const Vec8 y = op(__builtin_shuffle(c, d, IVec{0, 8, 1, 9, 4, 12, 5, 13}), __builtin_shuffle(c, d, IVec{2, 10, 3, 11, 6, 14, 7, 15}));
+    // lanes {a0-3, b0-3, c0-3, d0-3, a4-7, b4-7, c4-7, d4-7}
+    const Vec8 z = op(__builtin_shuffle(x, y, IVec{0, 1, 8, 9, 4, 5, 12, 13}), __builtin_shuffle(x, y, IVec{2, 3, 10, 11, 6, 7, 14, 15}));
+    return op(z, __builtin_shuffle(z, IVec{4, 5, 6, 7, 0, 1, 2, 3}));
+}
+NATGEN_INLINE void hmax4(const VecTraits<float>::type* x, float* out) {
+    const Vec8 r = reduce4<true>(x);
+    for (int q = 0; q < 4; ++q) out[q] = r[q];
+}
+NATGEN_INLINE void hsum4(const VecTraits<float>::type* x, float* out) {
+    const Vec8 r = reduce4<false>(x);
+    for (int q = 0; q < 4; ++q) out[q] = r[q];
+}

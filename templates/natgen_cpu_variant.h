@@ -2,8 +2,9 @@
 // variant, inside namespace natgen::<isa>, under that variant's `#pragma GCC target`, with
 // NATGEN_VEC_BYTES (the vector width in bytes: 64 for AVX-512, 32 otherwise) and NATGEN_FIXED_PATHS (whether
 // the specialized fixed-shape kernels are built: the portable variant leaves them out, as they only pay off
-// with FMA, and they are most of a specialized instance's compile time) and NATGEN_F16C (whether the half
-// conversions may use F16C's 8-wide instructions) defined. The parts, one job each, in
+// with FMA, and they are most of a specialized instance's compile time), NATGEN_F16C (whether the half
+// conversions may use F16C's 8-wide instructions) and NATGEN_AVX (whether AVX intrinsics of the variant's width
+// may be used) defined. The parts, one job each, in
 // the order they build on each other:
 //   natgen_cpu_simd.h    vector types (VecTraits: the variant's lanes), loads / stores, transposes, exp / log2
 //   natgen_cpu_plan.h    the window rule, the work plan (dilation groups, tiles, key unions, backward bands),
