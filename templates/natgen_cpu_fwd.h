@@ -469,45 +469,56 @@ NATGEN_FIXED_TARGET void fixed_scores2(const typename Cfg::T* __restrict kb, con
     *mxb = mb;
 }
 
-// Softmax of four queries' scores (query q's NSEG vectors at sc[q], its probabilities to pr[q]):
+// Softmax of NQ (2 or 4) queries' scores (query q's NSEG vectors at sc[q], its probabilities to pr[q]):
 // pr = 2^(y - m2) over its window (padding lanes 0), y = score * scale2, with m2 = scale2 * (the query's max
 // score: its running max's lanes, mx[q]; scale2 > 0, as the problem's checks require of the scale); m2[q] and
-// the sum l[q] returned. The exponent's argument is one FMA. Four at a time, interleaved: one query's chain
-// (lanes' max -> exponentials -> sum -> lanes' sum) is mostly latency, which four independent ones hide, and
-// the four horizontal reductions share their shuffles (hmax4, hsum4). Fewer queries repeat one (the same
-// pointers: the same values written twice), so every query's numbers come out of the same instructions.
-template <class Cfg>
-NATGEN_FIXED_TARGET void fixed_probs4(const typename Cfg::T* const* sc, const typename VecTraits<typename Cfg::T>::type* mx,
-                                      typename Cfg::T scale2, typename Cfg::T* const* pr, typename Cfg::T* m2,
-                                      typename Cfg::T* l) {
+// the sum l[q] returned. The exponent's argument is one FMA. Several at a time, interleaved: one query's chain
+// (lanes' max -> exponentials -> sum -> lanes' sum) is mostly latency, which independent ones hide, and the
+// horizontal reductions share their shuffles (hmax4, hsum4, whose four slots reduce one vector each by the
+// same steps: NQ = 2 fills slots 2, 3 with queries 0, 1 again), so a query's numbers are the same bits in
+// whichever block and slot it comes.
+template <class Cfg, int NQ>
+NATGEN_FIXED_TARGET void fixed_probs(const typename Cfg::T* const* sc, const typename VecTraits<typename Cfg::T>::type* mx,
+                                     typename Cfg::T scale2, typename Cfg::T* const* pr, typename Cfg::T* m2,
+                                     typename Cfg::T* l) {
     typedef typename Cfg::T T;
     typedef typename VecTraits<T>::type Vec;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
     const auto last = lane_mask<T>(F::LAST);
+    static_assert(NQ == 2 || NQ == 4, "fixed_probs: 2 or 4 queries");
+    Vec slots[4];
+    for (int j = 0; j < 4; ++j) slots[j] = mx[j % NQ];
     T mq[4];
-    hmax4(mx, mq);
-    Vec bias[4], vsum[4];
-    for (int q = 0; q < 4; ++q) {
+    hmax4(slots, mq);
+    Vec bias[NQ], vsum[NQ];
+    for (int q = 0; q < NQ; ++q) {
         m2[q] = mq[q] * scale2;
         bias[q] = Vec{} - m2[q];
         vsum[q] = Vec{};
     }
-    const T* src[4] = {sc[0], sc[1], sc[2], sc[3]};
-    T* dst[4] = {pr[0], pr[1], pr[2], pr[3]};
+    const T* src[NQ];
+    T* dst[NQ];
+    for (int q = 0; q < NQ; ++q) {
+        src[q] = sc[q];
+        dst[q] = pr[q];
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < F::ROWS; ++r)
 #pragma GCC unroll 16
         for (int c = 0; c < F::CH; ++c)
 #pragma GCC unroll 4
-            for (int q = 0; q < 4; ++q) {
+            for (int q = 0; q < NQ; ++q) {
                 const int64_t at = (r * F::CH + c) * V;
                 Vec e = exp2_vec(load<T>(src[q] + at) * scale2 + bias[q]);
                 if (c == F::CH - 1 && F::LAST < V) e = last ? e : Vec{};
                 store<T>(dst[q] + at, e);
                 vsum[q] += e;
             }
-    hsum4(vsum, l);
+    for (int j = 0; j < 4; ++j) slots[j] = vsum[j % NQ];
+    T lq[4];
+    hsum4(slots, lq);
+    for (int q = 0; q < NQ; ++q) l[q] = lq[q];
 }
 
 // 16-bit inputs (Args::input_dtype: bf16, f16) are widened as gathered, queries a row at a time into qw,
@@ -600,24 +611,31 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                         fixed_scores<Cfg>(kt + corner[i][k], qk[i], sc + (2 * i + k) * NS, mx + 2 * i + k);
             }
             {
+                // the block's queries (2 i + k), softmaxed together; a lone query fills its pair's second slot too
+                int present[4], count = 0;
+                for (int i = 0; i < nr; ++i)
+                    for (int k = 0; k < n; ++k) present[count++] = 2 * i + k;
                 const T* scq[4];
                 T* prq[4];
                 Vec mxq[4];
-                for (int j = 0; j < 4; ++j) {  // queries missing from the block repeat query 0 (fixed_probs4)
-                    const int q = j / 2 < nr && j % 2 < n ? j : 0;
+                for (int j = 0; j < 4; ++j) {
+                    const int q = present[j < count ? j : 0];
                     scq[j] = sc + q * NS;
                     prq[j] = pr + q * NS;
                     mxq[j] = mx[q];
                 }
-                T m2[4], l[4];
-                fixed_probs4<Cfg>(scq, mxq, scale2, prq, m2, l);
-                for (int i = 0; i < nr; ++i)
-                    for (int k = 0; k < n; ++k) {
-                        const int64_t slot = l2 + k - lo[2];
-                        inv[i][k] = T(1) / l[2 * i + k];
-                        row_m2[i][slot] = m2[2 * i + k];
-                        row_l[i][slot] = l[2 * i + k];
-                    }
+                T m2q[4], lq[4];
+                if (count > 2)
+                    fixed_probs<Cfg, 4>(scq, mxq, scale2, prq, m2q, lq);
+                else
+                    fixed_probs<Cfg, 2>(scq, mxq, scale2, prq, m2q, lq);
+                for (int j = 0; j < count; ++j) {
+                    const int i = present[j] / 2, k = present[j] % 2;
+                    const int64_t slot = l2 + k - lo[2];
+                    inv[i][k] = T(1) / lq[j];
+                    row_m2[i][slot] = m2q[j];
+                    row_l[i][slot] = lq[j];
+                }
             }
             for (int i = 0; i < nr; ++i) {
                 const T* pa = pr + 2 * i * NS;
