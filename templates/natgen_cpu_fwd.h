@@ -570,7 +570,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     const SourceStrides sst{a.dilation[0] * a.length[1] * a.length[2] * vrow, a.dilation[1] * a.length[2] * vrow,
                             a.dilation[2] * vrow};
     // queries in 2 x 2 blocks (two rows of axis 1, two neighbours on the last axis): scores of the two queries
-    // stacked on axis 1 together (fixed_softmax2), P.V of the two side by side on the last axis together
+    // stacked on axis 1 together (fixed_scores2), the softmax of the block's four together (fixed_probs), P.V
+    // of the two side by side on the last axis together (fixed_pv2)
     for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
     for (int64_t l1 = lo[1]; l1 < hi[1]; l1 += 2) {
         const int nr = l1 + 1 < hi[1] ? 2 : 1;
