@@ -67,6 +67,7 @@ struct Plan {
     int64_t fwd_union[3], chunks, extra_padded, hdv_padded, fwd_capacity, max_segments;
     bool fixed;                // the specialized forward's fixed layout serves this problem (FixedFwd)
     int64_t fixed_keys;        // its key slots per tile (0 when it does not)
+    bool fixed_copy_values;    // it gathers fp32 values too, rather than reading them in place (values_conflict)
     // backward bands (choose_bands): the unit's tiles along band_axis split into runs of band_tiles tiles
     int band_axis = 0;
     int64_t band_tiles = 1 << 30, bands = 1;
@@ -109,6 +110,29 @@ inline int64_t tiles_on_axis(const Args& a, int d, int64_t tile) {
         n += (length + tile - 1) / tile;
     }
     return n;
+}
+
+// Whether one query's window of value rows, read where they lie in v, holds more cache lines than the L1
+// ways of the sets they map to (a 32 KB, 8-way L1 of 64 sets of 64-byte lines; every x86 core natgen targets
+// has at least that), so that every pass over the window misses: with heads interleaved, rows lie power-of-two
+// strides apart (cpu-1d: 2 KB between a dilation group's neighbours, all 32 of a window's rows in 8 sets;
+// 1 head instead of 4 ran 1.5x faster a head). The specialized forward then gathers them (row_bytes: one
+// value row).
+inline bool values_conflict(const Args& a, const int64_t* K, int64_t row_bytes, int64_t heads) {
+    constexpr int64_t kLine = 64, kSets = 64, kWays = 8;
+    const int64_t token = heads * row_bytes;  // bytes between neighbouring tokens
+    const int64_t stride[3] = {a.dilation[0] * a.length[1] * a.length[2] * token,
+                               a.dilation[1] * a.length[2] * token, a.dilation[2] * token};
+    const int64_t lines = (row_bytes + kLine - 1) / kLine;
+    uint64_t sets = 0;
+    int64_t total = 0;
+    // the rows one query pair's P.V reads: K0 x K1 window rows of K2 + 1 values
+    for (int64_t a0 = 0; a0 < K[0]; ++a0)
+        for (int64_t a1 = 0; a1 < K[1]; ++a1)
+            for (int64_t n = 0; n <= K[2]; ++n)
+                for (int64_t l = 0; l < lines; ++l, ++total)
+                    sets |= uint64_t(1) << (((a0 * stride[0] + a1 * stride[1] + n * stride[2]) / kLine + l) % kSets);
+    return total > kWays * __builtin_popcountll(sets);
 }
 
 template <class Cfg> Plan make_plan(const Args& a, bool forward) {
@@ -191,6 +215,7 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     p.fixed = F::enabled && p.n_extra == 0 && !a.rpb && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
               p.fwd_union[1] <= F::ROWS1 && p.fwd_union[2] + F::CH * V - F::K2 <= F::ROWLEN;
     p.fixed_keys = p.fixed ? F::KEYS : 0;
+    p.fixed_copy_values = p.fixed && values_conflict(a, p.K, p.hdv * int64_t(sizeof(T)), a.heads_kv);
     if (banded) choose_bands(p);
     return p;
 }

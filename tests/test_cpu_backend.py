@@ -99,7 +99,12 @@ SPECIALIZED_CASES = [Case(2, (16, 16), (7, 7), (1, 1), (1, 1), (False, False), 0
                      # tile of an odd row count, query pairs whose windows are clamped onto each other, and
                      # dilation groups of unequal length
                      Case(2, (45, 20), (7, 7), (1, 1), (1, 1), (False, False), 0, "f32", 32, 32, heads=4),
-                     Case(2, (51, 16), (5, 5), (1, 1), (2, 1), (False, False), 0, "f32", 32, 32, heads=4)]
+                     Case(2, (51, 16), (5, 5), (1, 1), (2, 1), (False, False), 0, "f32", 32, 32, heads=4),
+                     # heads interleaved at power-of-two strides: a window's value rows would crowd a few L1
+                     # sets, so the fixed layout gathers fp32 values too (values_conflict; cpu-1d's and nat-2d's
+                     # layouts)
+                     Case(1, (70,), (31,), (1,), (2,), (False,), 0, "f32", 64, 64, heads=4),
+                     Case(2, (14, 14), (7, 7), (1, 1), (1, 1), (False, False), 0, "f32", 32, 32, heads=16)]
 # two more specialized shapes, each a further pair of modules to compile (NATGEN_CPU_WIDE=1): the 2-D 3x3
 # window with extra tokens, the 1-D K=7 instance with bf16 inputs and a stride
 if cpu_wide():
