@@ -213,15 +213,13 @@ NATGEN_INLINE void softmax_slots(const T* __restrict scores, const int* __restri
 // a query reads lies at a compile-time offset from its window corner: one pointer, immediate displacements,
 // unrolled channel loops (the runtime-offset version spent its hot loop reloading spilled offsets).
 
-// kt[d * KEYS + slot] (keys transposed) and, for 16-bit inputs, vu[slot * HD + d] (values widened, row-major;
-// fp32 values are read where they are, see SourceStrides, unless Plan::fixed_copy_values) for the union slots
+// kt[d * KEYS + slot] (keys transposed) and, where Plan::fixed_gathers_values, vu[slot * HD + d] (values widened
+// or copied, row-major; otherwise the P.V reads them where they are, see SourceStrides) for the union slots
 // slot = (u0 * ROWS1 + u1) * ROWLEN + u2. Key columns past the union read zeros; slots no query reads keep
 // whatever an earlier tile left (only masked score lanes read them; values there are never read).
 template <class Cfg, typename In>
 NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry& g, typename Cfg::T* __restrict kt,
                                 typename Cfg::T* __restrict vu, const In* zeros) {
-    // T values are read in place, unless that would thrash the L1 (Plan::fixed_copy_values)
-    const bool values = !std::is_same<In, typename Cfg::T>::value || p.fixed_copy_values;
     typedef typename Cfg::T T;
     typedef FixedFwd<Cfg> F;
     constexpr int V = F::V;
@@ -242,7 +240,7 @@ NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry&
             for (int64_t u2 = 0; u2 < cols; ++u2) {
                 const int64_t row = (first + u2 * step) * F::HD;
                 rows[u2] = k + row;
-                if (values) widen_row(v + row, F::HD, vu + (slot + u2) * F::HD);
+                if (p.fixed_gathers_values) widen_row(v + row, F::HD, vu + (slot + u2) * F::HD);
             }
             for (int64_t c = 0; c < cols; c += V) rows_to_lanes<T>(rows + c, F::HD, kt + slot + c, F::KEYS);
         }
@@ -653,7 +651,7 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                         for (int k = 0; k < n; ++k)
                             fixed_pv<Cfg, 0>(corner_of(k), st, pa + k * NS, output(i, k, row[i][k]), inv[i][k]);
                 };
-                if (in || p.fixed_copy_values)
+                if (p.fixed_gathers_values)
                     pv(ust, [&](int k) { return vu + corner[i][k] * F::HD; });
                 else
                     pv(sst, [&](int k) {

@@ -67,7 +67,8 @@ struct Plan {
     int64_t fwd_union[3], chunks, extra_padded, hdv_padded, fwd_capacity, max_segments;
     bool fixed;                // the specialized forward's fixed layout serves this problem (FixedFwd)
     int64_t fixed_keys;        // its key slots per tile (0 when it does not)
-    bool fixed_copy_values;    // it gathers fp32 values too, rather than reading them in place (values_conflict)
+    bool fixed_gathers_values; // it gathers the values too: 16-bit inputs (widened), or fp32 ones whose rows in
+                               // place would thrash the L1 (values_conflict); otherwise P.V reads v itself
     // backward bands (choose_bands): the unit's tiles along band_axis split into runs of band_tiles tiles
     int band_axis = 0;
     int64_t band_tiles = 1 << 30, bands = 1;
@@ -110,6 +111,12 @@ inline int64_t tiles_on_axis(const Args& a, int d, int64_t tile) {
         n += (length + tile - 1) / tile;
     }
     return n;
+}
+
+// The input type of a call (Args::input_dtype): kInputCompute, or for float kernels a 16-bit type they widen
+// (kInputBf16, kInputF16; dispatch has checked the code).
+template <typename T> NATGEN_INLINE int64_t input_kind(const Args& a) {
+    return std::is_same<T, float>::value ? a.input_dtype : kInputCompute;
 }
 
 // Whether one query's window of value rows, read where they lie in v, holds more cache lines than the L1
@@ -215,7 +222,8 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     p.fixed = F::enabled && p.n_extra == 0 && !a.rpb && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
               p.fwd_union[1] <= F::ROWS1 && p.fwd_union[2] + F::CH * V - F::K2 <= F::ROWLEN;
     p.fixed_keys = p.fixed ? F::KEYS : 0;
-    p.fixed_copy_values = p.fixed && values_conflict(a, p.K, p.hdv * int64_t(sizeof(T)), a.heads_kv);
+    p.fixed_gathers_values = p.fixed && (input_kind<T>(a) != kInputCompute ||
+                                         values_conflict(a, p.K, p.hdv * int64_t(sizeof(T)), a.heads_kv));
     if (banded) choose_bands(p);
     return p;
 }
@@ -275,11 +283,6 @@ template <typename T> struct FwdScratch {
     template <typename In> const In* zeros_of() const { return zero_row<In>(zeros, zeros16); }
 };
 
-// The input type of a call (Args::input_dtype): kInputCompute, or for float kernels a 16-bit type they widen
-// (kInputBf16, kInputF16; dispatch has checked the code).
-template <typename T> NATGEN_INLINE int64_t input_kind(const Args& a) {
-    return std::is_same<T, float>::value ? a.input_dtype : kInputCompute;
-}
 template <typename U> struct TypeTag {
     typedef U type;
 };
