@@ -371,7 +371,7 @@ NATGEN_INLINE void fixed_pv2_row(const typename Cfg::T* __restrict vr, const S& 
 }
 
 template <class Cfg, int J0, int DELTA, class S>
-NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const S st,
+NATGEN_FIXED_TARGET void fixed_pv2(const typename Cfg::T* __restrict vb, const S& st,
                                    const typename Cfg::T* __restrict pa,
                              const typename Cfg::T* __restrict pb, typename Cfg::T* __restrict oa,
                              typename Cfg::T* __restrict ob, typename Cfg::T inv_a, typename Cfg::T inv_b) {
@@ -520,6 +520,112 @@ NATGEN_FIXED_TARGET void fixed_probs(const typename Cfg::T* const* sc, const typ
     for (int q = 0; q < NQ; ++q) l[q] = lq[q];
 }
 
+#if NATGEN_AVX && NATGEN_VEC_BYTES == 64
+// ---- Query pairs (FixedFwd::PAIRS, AVX-512 only): scores, softmax and lanes as above, with two queries of a
+// tile row in each vector, the first's window row in lanes [0, H), the second's (the query H columns on) in
+// [H, V). Their windows start S8 keys apart on the last axis: H in the interior (CONTIG: one load covers
+// both), fewer where a window is clamped at the border (the halves loaded apart).
+
+// Scores of NR (1 or 2) pairs stacked on axis 1 (the second pair's window DV rows below the first's, as in
+// fixed_dot_rows2), union rows [U0, U0 + NB) of one window plane, all in registers; pair i's queries are
+// lo[i], hi[i], its scores go to sc[i] and its running max to mx[i] (lanes past a window row's end masked).
+template <class Cfg, int NR, int DV, bool CONTIG, int U0>
+NATGEN_INLINE void pair_dot_rows(const float* __restrict kb, int64_t s8, const float* const* lo,
+                                 const float* const* hi, float* const* sc, VecTraits<float>::type* mx) {
+    typedef VecTraits<float>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int NU = NR == 2 ? F::K1 + DV : F::K1;  // union rows the pairs' windows cover in the plane
+    constexpr int NB = std::min(8, NU - U0);
+    Vec acc[2][NB];
+    for (int i = 0; i < 2; ++i)
+        for (int u = 0; u < NB; ++u) acc[i][u] = Vec{};
+    for (int d = 0; d < F::HD; d += 4) {
+        Vec quads[NR];
+        for (int i = 0; i < NR; ++i) quads[i] = pair_quads(lo[i] + d, hi[i] + d);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+            Vec x[NR];
+            if (j == 0) for (int i = 0; i < NR; ++i) x[i] = pair_splat_lane<0>(quads[i]);
+            if (j == 1) for (int i = 0; i < NR; ++i) x[i] = pair_splat_lane<1>(quads[i]);
+            if (j == 2) for (int i = 0; i < NR; ++i) x[i] = pair_splat_lane<2>(quads[i]);
+            if (j == 3) for (int i = 0; i < NR; ++i) x[i] = pair_splat_lane<3>(quads[i]);
+            const float* row = kb + (d + j) * F::KEYS + U0 * F::ROWLEN;
+#pragma GCC unroll 16
+            for (int u = 0; u < NB; ++u) {
+                const float* at = row + u * F::ROWLEN;
+                const Vec kv = CONTIG ? load<float>(at) : load_halves(at, at + s8);
+                if (U0 + u < F::K1) acc[0][u] += x[0] * kv;
+                if (NR == 2 && U0 + u >= DV) acc[NR - 1][u] += x[NR - 1] * kv;
+            }
+        }
+    }
+    typedef VecTraits<float>::itype IVec;
+    IVec lane;
+    for (int l = 0; l < 16; ++l) lane[l] = l & (F::H - 1);
+    const auto valid = lane < (IVec{} + F::K2);
+    const Vec lowest = Vec{} - std::numeric_limits<float>::infinity();
+#pragma GCC unroll 16
+    for (int u = 0; u < NB; ++u) {
+        if (U0 + u < F::K1) {
+            store<float>(sc[0] + (U0 + u) * F::V, acc[0][u]);
+            mx[0] = max_ps(valid ? acc[0][u] : lowest, mx[0]);
+        }
+        if (NR == 2 && U0 + u >= DV) {
+            store<float>(sc[NR - 1] + (U0 + u - DV) * F::V, acc[NR - 1][u]);
+            mx[NR - 1] = max_ps(valid ? acc[NR - 1][u] : lowest, mx[NR - 1]);
+        }
+    }
+    if constexpr (U0 + NB < NU) pair_dot_rows<Cfg, NR, DV, CONTIG, U0 + NB>(kb, s8, lo, hi, sc, mx);
+}
+
+template <class Cfg, int NR, int DV, bool CONTIG>
+NATGEN_FIXED_TARGET void pair_scores(const float* __restrict kb, int64_t s8, const float* const* lo,
+                                     const float* const* hi, float* const* sc, VecTraits<float>::type* mx) {
+    typedef FixedFwd<Cfg> F;
+    typedef VecTraits<float>::type Vec;
+    Vec m[NR];
+    for (int i = 0; i < NR; ++i) m[i] = Vec{} - std::numeric_limits<float>::infinity();
+    for (int a0 = 0; a0 < F::K0; ++a0) {
+        float* scp[NR];
+        for (int i = 0; i < NR; ++i) scp[i] = sc[i] + a0 * F::K1 * F::V;
+        pair_dot_rows<Cfg, NR, DV, CONTIG, 0>(kb + a0 * F::PLANE, s8, lo, hi, scp, m);
+    }
+    for (int i = 0; i < NR; ++i) mx[i] = m[i];
+}
+
+// Softmax of four pairs' scores (pair q's ROWS vectors at sc[q], probabilities to pr[q]), as fixed_probs
+// does for four queries: m2[2 q + h], l[2 q + h] are the numbers of half h of pair q.
+template <class Cfg>
+NATGEN_FIXED_TARGET void pair_probs(const float* const* sc, const VecTraits<float>::type* mx, float scale2,
+                                    float* const* pr, float* m2, float* l) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    typedef FixedFwd<Cfg> F;
+    float mq[8];
+    reduce_pairs4<true>(mx, mq);
+    Vec bias[4], vsum[4];
+    for (int q = 0; q < 4; ++q) {
+        m2[2 * q] = mq[2 * q] * scale2;
+        m2[2 * q + 1] = mq[2 * q + 1] * scale2;
+        bias[q] = pair_splat(-m2[2 * q], -m2[2 * q + 1]);
+        vsum[q] = Vec{};
+    }
+    IVec lane;
+    for (int j = 0; j < 16; ++j) lane[j] = j & (F::H - 1);
+    const auto valid = lane < (IVec{} + F::K2);
+#pragma GCC unroll 16
+    for (int r = 0; r < F::ROWS; ++r)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+            Vec e = exp2_vec(load<float>(sc[q] + r * F::V) * scale2 + bias[q]);
+            if (F::K2 < F::H) e = valid ? e : Vec{};
+            store<float>(pr[q] + r * F::V, e);
+            vsum[q] += e;
+        }
+    reduce_pairs4<false>(vsum, l);
+}
+#endif
+
 // 16-bit inputs (Args::input_dtype: bf16, f16) are widened as gathered, queries a row at a time into qw,
 // outputs written through ow; the input type is a runtime branch here (only the gathers and row conversions
 // are instantiated per type), so the module's compile time barely grows.
@@ -542,7 +648,7 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
         typedef typename decltype(tag)::type In;
         fixed_gather<Cfg, In>(p, t, g, kt, vu, s.template zeros_of<In>());
     });
-    alignas(64) T qw[2][2][F::HD], ow[2][2][F::HD];  // [row i][neighbour k]: widened queries, float outputs
+    alignas(64) T qw[2][4][F::HD], ow[2][4][F::HD];  // [row i][query k of the row]: widened queries, float outputs
     // a query's row as T: the input itself, or widened into qw; an output's destination: out itself, or ow
     auto query = [&](int i, int k, int64_t row) -> const T* {
         if (!in) return q + row * F::HD;
@@ -553,7 +659,7 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     T* sc = s.scores.data();
     T* pr = s.probs.data();
     const T scale2 = static_cast<T>(a.scale * 1.4426950408889634);  // log2(e)
-    constexpr int ROW_SLOTS = (Cfg::TILE[2] + V - 1) / V * V;
+    constexpr int ROW_SLOTS = (F::TW + V - 1) / V * V;
     constexpr int NS = F::NSEG * V;
     alignas(64) T row_m2[2][ROW_SLOTS], row_l[2][ROW_SLOTS];
     for (int i = 0; i < ROW_SLOTS; ++i) row_m2[0][i] = row_l[0][i] = row_m2[1][i] = row_l[1][i] = T(1);
@@ -571,6 +677,100 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     // queries in 2 x 2 blocks (two rows of axis 1, two neighbours on the last axis): scores of the two queries
     // stacked on axis 1 together (fixed_scores2), the softmax of the block's four together (fixed_probs), P.V
     // of the two side by side on the last axis together (fixed_pv2)
+#if NATGEN_AVX && NATGEN_VEC_BYTES == 64
+    // columns l2, l2 + 1 of the rows l1, l1 + 1 (nr of them) with their partners H columns on, as query pairs:
+    // query (i, k, h) is row i's column l2 + k + H h, numbered k + 2 h in its row; pair (i, k) holds (i, k, 0)
+    // and (i, k, 1), its scores at sc + (2 i + k) NS. Softmax of the block's pairs together (pair_probs), P.V
+    // of two side-by-side queries together (fixed_pv2), as in the 2 x 2 block.
+    auto pair_block = [&](int64_t l2, int nr, int64_t dv, const int64_t* corner01, const int64_t* row01,
+                          const int64_t* vcorner01) {
+        if constexpr (F::PAIRS) {
+            int64_t row[2][4], corner[2][4];
+            const T* qlo[2][2];  // [k][i]
+            const T* qhi[2][2];
+            for (int k = 0; k < 2; ++k)
+                for (int h = 0; h < 2; ++h)
+                    for (int i = 0; i < nr; ++i) {
+                        const int64_t col = l2 + k + F::H * h;
+                        row[i][k + 2 * h] = row01[i] + col * step2;
+                        corner[i][k + 2 * h] = corner01[i] + t.ax[2]->start[col];
+                        (h ? qhi : qlo)[k][i] = query(i, k + 2 * h, row[i][k + 2 * h]);
+                    }
+            alignas(64) Vec mx[4];
+            for (int k = 0; k < 2; ++k) {
+                const int64_t s8 = corner[0][k + 2] - corner[0][k];  // the same on every row
+                T* scp[2] = {sc + k * NS, sc + (2 + k) * NS};
+                Vec m[2];
+                if (nr == 2 && dv == 1 && s8 == F::H)
+                    pair_scores<Cfg, 2, 1, true>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                else if (nr == 2 && dv == 1)
+                    pair_scores<Cfg, 2, 1, false>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                else if (nr == 2 && dv == 0 && s8 == F::H)
+                    pair_scores<Cfg, 2, 0, true>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                else if (nr == 2 && dv == 0)
+                    pair_scores<Cfg, 2, 0, false>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                else
+                    for (int i = 0; i < nr; ++i) {
+                        if (s8 == F::H)
+                            pair_scores<Cfg, 1, 0, true>(kt + corner[i][k], s8, &qlo[k][i], &qhi[k][i], &scp[i], &m[i]);
+                        else
+                            pair_scores<Cfg, 1, 0, false>(kt + corner[i][k], s8, &qlo[k][i], &qhi[k][i], &scp[i], &m[i]);
+                    }
+                for (int i = 0; i < nr; ++i) mx[2 * i + k] = m[i];
+            }
+            T inv[2][4];
+            {
+                // a lone row's two pairs fill the other row's slots too
+                const T* scq[4];
+                T* prq[4];
+                Vec mxq[4];
+                for (int j = 0; j < 4; ++j) {
+                    const int q = j < 2 * nr ? j : j - 2;
+                    scq[j] = sc + q * NS;
+                    prq[j] = pr + q * NS;
+                    mxq[j] = mx[q];
+                }
+                T m2q[8], lq[8];
+                pair_probs<Cfg>(scq, mxq, scale2, prq, m2q, lq);
+                for (int j = 0; j < 2 * nr; ++j)
+                    for (int h = 0; h < 2; ++h) {
+                        const int i = j / 2, k = j % 2;
+                        const int64_t slot = l2 + k + F::H * h - lo[2];
+                        inv[i][k + 2 * h] = T(1) / lq[2 * j + h];
+                        row_m2[i][slot] = m2q[2 * j + h];
+                        row_l[i][slot] = lq[2 * j + h];
+                    }
+            }
+            for (int i = 0; i < nr; ++i)
+                for (int h = 0; h < 2; ++h) {
+                    const int qa = 2 * h, qb = 2 * h + 1;  // queries (i, 0, h), (i, 1, h)
+                    const T* pa = pr + 2 * i * NS + F::H * h;
+                    const T* pb = pr + (2 * i + 1) * NS + F::H * h;
+                    const int64_t delta = corner[i][qb] - corner[i][qa];
+                    auto pv = [&](const auto& st, const auto& corner_of) {
+                        if (delta == 1)
+                            fixed_pv2<Cfg, 0, 1>(corner_of(qa), st, pa, pb, output(i, qa, row[i][qa]),
+                                                 output(i, qb, row[i][qb]), inv[i][qa], inv[i][qb]);
+                        else if (delta == 0)
+                            fixed_pv2<Cfg, 0, 0>(corner_of(qa), st, pa, pb, output(i, qa, row[i][qa]),
+                                                 output(i, qb, row[i][qb]), inv[i][qa], inv[i][qb]);
+                        else {
+                            fixed_pv<Cfg, 0>(corner_of(qa), st, pa, output(i, qa, row[i][qa]), inv[i][qa]);
+                            fixed_pv<Cfg, 0>(corner_of(qb), st, pb, output(i, qb, row[i][qb]), inv[i][qb]);
+                        }
+                    };
+                    if (p.fixed_gathers_values)
+                        pv(ust, [&](int q) { return vu + corner[i][q] * F::HD; });
+                    else
+                        pv(sst, [&](int q) {
+                            return vsrc + vcorner01[i] + t.ax[2]->start[l2 + q % 2 + F::H * (q / 2)] * sst.s2;
+                        });
+                    if (in)
+                        for (int q = qa; q <= qb; ++q) output_rows<T>(in, ow[i][q], F::HD, a.out, row[i][q] * F::HD);
+                }
+        }
+    };
+#endif
     for (int64_t l0 = lo[0]; l0 < hi[0]; ++l0)
     for (int64_t l1 = lo[1]; l1 < hi[1]; l1 += 2) {
         const int nr = l1 + 1 < hi[1] ? 2 : 1;
@@ -587,7 +787,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                             t.hk) * F::HD;
         }
         const int64_t dv = nr == 2 ? (corner01[1] - corner01[0]) / F::ROWLEN : -1;
-        for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += 2) {
+        // the block of columns l2, l2 + 1 (n of them)
+        auto block = [&](int64_t l2) {
             const int n = l2 + 1 < hi[2] ? 2 : 1;
             int64_t row[2][2], corner[2][2];
             T inv[2][2];
@@ -640,7 +841,7 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
             for (int i = 0; i < nr; ++i) {
                 const T* pa = pr + 2 * i * NS;
                 const int64_t delta = n == 2 ? corner[i][1] - corner[i][0] : -1;
-                auto pv = [&](const auto& st, auto corner_of) {
+                auto pv = [&](const auto& st, const auto& corner_of) {
                     if (delta == 1)
                         fixed_pv2<Cfg, 0, 1>(corner_of(0), st, pa, pa + NS, output(i, 0, row[i][0]),
                                              output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
@@ -660,6 +861,23 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 if (in)
                     for (int k = 0; k < n; ++k) output_rows<T>(in, ow[i][k], F::HD, a.out, row[i][k] * F::HD);
             }
+        };
+#if NATGEN_AVX && NATGEN_VEC_BYTES == 64
+        if constexpr (F::PAIRS) {
+            // runs of V columns: blocks l2, l2 + 1 of the first half paired with l2 + H, l2 + H + 1
+            for (int64_t c0 = lo[2]; c0 < hi[2]; c0 += V)
+                for (int64_t l2 = c0; l2 < std::min(c0 + F::H, hi[2]); l2 += 2) {
+                    if (l2 + F::H + 1 < hi[2]) {
+                        pair_block(l2, nr, dv, corner01, row01, vcorner01);
+                    } else {
+                        block(l2);
+                        if (l2 + F::H < hi[2]) block(l2 + F::H);
+                    }
+                }
+        } else
+#endif
+        {
+            for (int64_t l2 = lo[2]; l2 < hi[2]; l2 += 2) block(l2);
         }
         // log-sum-exp of the rows' queries, V at a time: ln2 * (m2 + log2(l))
         if (lse)

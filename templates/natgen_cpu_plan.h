@@ -38,7 +38,13 @@ template <class Cfg> struct FixedFwd {
     // picks the factor): a taller tile gathers fewer keys per query (cpu-2d: 0.317 -> 0.299 ms, 8 -> 32 rows).
     static constexpr int GROW = Cfg::TILE[0] == 1 && Cfg::TILE[1] > 1 ? 4 : 1;
     static constexpr int ROWS0 = Cfg::TILE[0] + K0 - 1, ROWS1 = Cfg::TILE[1] * GROW + K1 - 1;
-    static constexpr int ROWLEN = (Cfg::TILE[2] + CH * V - 1 + V - 1) / V * V;
+    // Query pairs: where a window row fits half a vector (16-lane AVX-512, K2 <= 8), one score vector holds two
+    // queries of a tile row V / 2 apart on the last axis (columns c and c + 8 of a run of 16), so the FMAs
+    // and exponentials fill 2 K2 of 16 lanes instead of K2. Tiles are then whole runs of V wide (TW).
+    static constexpr bool PAIRS = V == 16 && K2 <= V / 2;
+    static constexpr int H = V / 2;
+    static constexpr int TW = PAIRS ? (Cfg::TILE[2] + V - 1) / V * V : Cfg::TILE[2];
+    static constexpr int ROWLEN = (TW + CH * V - 1 + V - 1) / V * V;
     static constexpr int PLANE = ROWS1 * ROWLEN;
     static constexpr int KEYS = ROWS0 * PLANE;         // key slots of a tile: the channel stride of kt
     static constexpr int ROWS = K0 * K1;               // window rows of a query
@@ -153,6 +159,7 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     p.n_extra = a.n_extra;
     for (int d = 0; d < 3; ++d) p.tile[d] = std::min<int64_t>(Cfg::TILE[d], a.length[d]);
     if (forward && FixedFwd<Cfg>::enabled) {
+        p.tile[2] = std::min<int64_t>(FixedFwd<Cfg>::TW, a.length[2]);  // whole runs of query pairs
         // the tallest tile (FixedFwd::GROW) that still leaves the threads 4 units each
         const int64_t others = a.batch * a.heads * tiles_on_axis(a, 0, p.tile[0]) * tiles_on_axis(a, 2, p.tile[2]);
         for (int64_t grow = FixedFwd<Cfg>::GROW; grow > 1; grow /= 2)

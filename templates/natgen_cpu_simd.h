@@ -336,16 +336,19 @@ template <typename Vec, typename S> NATGEN_INLINE void hmax4(const Vec* x, S* ou
 template <typename Vec, typename S> NATGEN_INLINE void hsum4(const Vec* x, S* out) {
     for (int q = 0; q < 4; ++q) out[q] = hsum(x[q]);
 }
-template <bool MAX> NATGEN_INLINE Vec8 reduce4(const VecTraits<float>::type* v) {
+// the shared steps on four 8-lane vectors (r[q] reduces the q-th), after any fold
+template <bool MAX> NATGEN_INLINE Vec8 reduce4_8(Vec8 a, Vec8 b, Vec8 c, Vec8 d) {
     typedef IVec8 IVec;
     auto op = [](Vec8 a, Vec8 b) { return MAX ? (a > b ? a : b) : a + b; };
-    const Vec8 a = fold8(v[0], MAX), b = fold8(v[1], MAX), c = fold8(v[2], MAX), d = fold8(v[3], MAX);
     // lanes {a0.2, b0.2, a1.3, b1.3, a4.6, b4.6, a5.7, b5.7} (x0.2: lanes 0 and 2 of x reduced); y likewise
     const Vec8 x = op(__builtin_shuffle(a, b, IVec{0, 8, 1, 9, 4, 12, 5, 13}), __builtin_shuffle(a, b, IVec{2, 10, 3, 11, 6, 14, 7, 15}));
     const Vec8 y = op(__builtin_shuffle(c, d, IVec{0, 8, 1, 9, 4, 12, 5, 13}), __builtin_shuffle(c, d, IVec{2, 10, 3, 11, 6, 14, 7, 15}));
     // lanes {a0-3, b0-3, c0-3, d0-3, a4-7, b4-7, c4-7, d4-7}
     const Vec8 z = op(__builtin_shuffle(x, y, IVec{0, 1, 8, 9, 4, 5, 12, 13}), __builtin_shuffle(x, y, IVec{2, 3, 10, 11, 6, 7, 14, 15}));
     return op(z, __builtin_shuffle(z, IVec{4, 5, 6, 7, 0, 1, 2, 3}));
+}
+template <bool MAX> NATGEN_INLINE Vec8 reduce4(const VecTraits<float>::type* v) {
+    return reduce4_8<MAX>(fold8(v[0], MAX), fold8(v[1], MAX), fold8(v[2], MAX), fold8(v[3], MAX));
 }
 NATGEN_INLINE void hmax4(const VecTraits<float>::type* x, float* out) {
     const Vec8 r = reduce4<true>(x);
@@ -355,3 +358,40 @@ NATGEN_INLINE void hsum4(const VecTraits<float>::type* x, float* out) {
     const Vec8 r = reduce4<false>(x);
     for (int q = 0; q < 4; ++q) out[q] = r[q];
 }
+
+// ---- query pairs (the AVX-512 forward's FixedFwd::PAIRS): one 16-lane vector holds two queries' numbers, the
+// first's in lanes [0, 8), the second's in [8, 16). Each half reduces by reduce4_8's steps, which are the steps
+// hmax4 / hsum4 take on a 16-lane vector after folding a zero (or -inf) upper half onto it, so a query has the
+// same bits whether it came in a pair or alone.
+#if NATGEN_AVX && NATGEN_VEC_BYTES == 64
+// lanes [0, 8) from lo, [8, 16) from hi
+NATGEN_INLINE VecTraits<float>::type load_halves(const float* lo, const float* hi) {
+    return VecTraits<float>::type(_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(lo)), _mm256_loadu_ps(hi), 1));
+}
+// [a[0..4), a[0..4), b[0..4), b[0..4)]: pair_splat_lane<j> of it is a[j] in the lower half, b[j] in the upper
+NATGEN_INLINE VecTraits<float>::type pair_quads(const float* a, const float* b) {
+    return VecTraits<float>::type(_mm512_insertf32x8(
+        _mm512_castps256_ps512(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(a))),
+        _mm256_broadcast_ps(reinterpret_cast<const __m128*>(b)), 1));
+}
+template <int J> NATGEN_INLINE VecTraits<float>::type pair_splat_lane(VecTraits<float>::type quads) {
+    return VecTraits<float>::type(_mm512_permute_ps(__m512(quads), J * 0x55));
+}
+// a in the lower half, b in the upper
+NATGEN_INLINE VecTraits<float>::type pair_splat(float a, float b) {
+    return VecTraits<float>::type(_mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1));
+}
+// each half of four pair vectors reduced: out[2 q + h] is half h of x[q] (max, or sum)
+template <bool MAX> NATGEN_INLINE void reduce_pairs4(const VecTraits<float>::type* x, float* out) {
+    Vec8 lo[4], hi[4];
+    for (int q = 0; q < 4; ++q) {
+        std::memcpy(&lo[q], &x[q], sizeof(Vec8));
+        std::memcpy(&hi[q], reinterpret_cast<const char*>(&x[q]) + sizeof(Vec8), sizeof(Vec8));
+    }
+    const Vec8 rl = reduce4_8<MAX>(lo[0], lo[1], lo[2], lo[3]), rh = reduce4_8<MAX>(hi[0], hi[1], hi[2], hi[3]);
+    for (int q = 0; q < 4; ++q) {
+        out[2 * q] = rl[q];
+        out[2 * q + 1] = rh[q];
+    }
+}
+#endif

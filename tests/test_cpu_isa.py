@@ -92,6 +92,25 @@ def test_banded_backward_has_the_same_bits_for_any_thread_count(isa):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_forward_has_the_same_bits_for_any_thread_count(isa):
+    """The specialized forward's tiles grow taller with fewer threads, which moves queries between its blocks
+    (and, on AVX-512, between query pairs and lone queries): a query's numbers must not change with that."""
+    q, k, v, _ = _inputs((29, 37), 2, 2, 32, False, 7, seed=3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        with cpu_isa.use(isa):
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                results.append(natgen.na2d(q, k, v, 7, return_lse=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_every_variant_is_compiled_into_the_module():
     """The module of a fixed-shape instance holds every variant, whatever this CPU runs (x86-64: all three)."""
     q = torch.randn(1, 12, 12, 1, 32)
