@@ -24,12 +24,16 @@ _TORCH_CAPABILITY = {"AVX512": ("avx512", "avx2", "portable"), "AVX2": ("avx2", 
 _state = {"name": None, "code": None, "why": None}
 
 
-# Where a CPU runs AVX-512 but the wider variant measured slower, the default steps down to this one. AMD's
-# AVX-512 (Zen 4) executes each 512-bit operation as two 256-bit halves, so 16 lanes buy no throughput while
-# the wider masks and horizontal reductions cost more: on a 2-core AMD EPYC (AVX-512 F/BW/VL/DQ/BF16) the
-# cpu-2d set ran forward 0.441 ms on avx2 against 0.548 ms on avx512, forward + backward 2.28 against
-# 2.49 ms (`natgen bench --device cpu --set cpu-2d`, torch 2.13.0). NATGEN_CPU_ISA=avx512 still selects it.
-SLOWER_WIDE_VENDORS = {"AuthenticAMD": "avx2"}
+# Where a CPU runs AVX-512 but the wider variant measured slower, the default steps down to this one, keyed by
+# (vendor, CPU family as /proc/cpuinfo gives it, in decimal). AMD's Zen 4 (family 25) executes each 512-bit
+# operation as two 256-bit halves, so 16 lanes buy no throughput while the wider masks and horizontal
+# reductions cost more: on a 2-core AMD EPYC (Zen 4, AVX-512 F/BW/VL/DQ/BF16) the cpu-2d set ran forward
+# 0.441 ms on avx2 against 0.548 ms on avx512, forward + backward 2.28 against 2.49 ms (`natgen bench --device
+# cpu --set cpu-2d`, torch 2.13.0). Zen 5 (family 26) has 512-bit datapaths, and there avx512 measured faster
+# on every set (2-core AMD EPYC, family 26 model 2, min of two runs each: cpu-2d forward 0.226 -> 0.209 ms,
+# forward + backward 1.379 -> 0.853; cpu-1d 1.255 -> 0.910 and 13.8 -> 10.4; nat-2d batch 4 0.703 -> 0.477 and
+# 4.03 -> 3.99), so it keeps the default. NATGEN_CPU_ISA=avx512 still selects it where it steps down.
+SLOWER_WIDE = {("AuthenticAMD", 25): "avx2"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,14 +57,22 @@ def _cpu_flags() -> Optional[set]:
     return None if flags is None else set(flags.split())
 
 
+def _family() -> Optional[int]:
+    try:
+        return int(_cpuinfo().get("cpu family", ""))
+    except ValueError:
+        return None
+
+
 def default() -> Tuple[str, str]:
-    """The variant used without NATGEN_CPU_ISA, and why: the widest this CPU supports, unless its vendor's
-    wide variant measured slower (SLOWER_WIDE_VENDORS)."""
+    """The variant used without NATGEN_CPU_ISA, and why: the widest this CPU supports, unless that CPU
+    family's wide variant measured slower (SLOWER_WIDE)."""
     have = supported()
-    vendor = _cpuinfo().get("vendor_id")
-    step_down = SLOWER_WIDE_VENDORS.get(vendor or "")
+    vendor, family = _cpuinfo().get("vendor_id"), _family()
+    step_down = SLOWER_WIDE.get((vendor or "", family))
     if have[0] == "avx512" and step_down in have:
-        return step_down, f"{vendor}'s AVX-512 measured slower than {step_down} (set {ENV}=avx512 to use it)"
+        return step_down, (f"{vendor} family {family}'s AVX-512 measured slower than {step_down} "
+                           f"(set {ENV}=avx512 to use it)")
     return have[0], "the best variant this CPU supports"
 
 
