@@ -681,23 +681,37 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     // columns l2, l2 + 1 of the rows l1, l1 + 1 (nr of them) with their partners H columns on, as query pairs:
     // query (i, k, h) is row i's column l2 + k + H h, numbered k + 2 h in its row; pair (i, k) holds (i, k, 0)
     // and (i, k, 1), its scores at sc + (2 i + k) NS. Softmax of the block's pairs together (pair_probs), P.V
-    // of two side-by-side queries together (fixed_pv2), as in the 2 x 2 block.
+    // of two side-by-side queries together (fixed_pv2), as in the 2 x 2 block. Columns past the tile's end are
+    // left out: a missing column l2 + 1 leaves its pairs out, a missing partner makes its pair the query with
+    // itself (its window loaded into both halves, the upper one's numbers dropped), so every query, whichever
+    // of its neighbours exist, is computed by the same steps and has the same bits.
     auto pair_block = [&](int64_t l2, int nr, int64_t dv, const int64_t* corner01, const int64_t* row01,
                           const int64_t* vcorner01) {
         if constexpr (F::PAIRS) {
+            const int n = l2 + 1 < hi[2] ? 2 : 1;  // columns l2, l2 + 1 present
+            bool up[2] = {false, false};           // whether column l2 + k + H is
             int64_t row[2][4], corner[2][4];
             const T* qlo[2][2];  // [k][i]
             const T* qhi[2][2];
-            for (int k = 0; k < 2; ++k)
+            for (int k = 0; k < n; ++k) {
+                up[k] = l2 + k + F::H < hi[2];
                 for (int h = 0; h < 2; ++h)
                     for (int i = 0; i < nr; ++i) {
+                        const int q = k + 2 * h;
+                        if (h && !up[k]) {  // the query with itself
+                            row[i][q] = row[i][k];
+                            corner[i][q] = corner[i][k];
+                            qhi[k][i] = qlo[k][i];
+                            continue;
+                        }
                         const int64_t col = l2 + k + F::H * h;
-                        row[i][k + 2 * h] = row01[i] + col * step2;
-                        corner[i][k + 2 * h] = corner01[i] + t.ax[2]->start[col];
-                        (h ? qhi : qlo)[k][i] = query(i, k + 2 * h, row[i][k + 2 * h]);
+                        row[i][q] = row01[i] + col * step2;
+                        corner[i][q] = corner01[i] + t.ax[2]->start[col];
+                        (h ? qhi : qlo)[k][i] = query(i, q, row[i][q]);
                     }
+            }
             alignas(64) Vec mx[4];
-            for (int k = 0; k < 2; ++k) {
+            for (int k = 0; k < n; ++k) {
                 const int64_t s8 = corner[0][k + 2] - corner[0][k];  // the same on every row
                 T* scp[2] = {sc + k * NS, sc + (2 + k) * NS};
                 Vec m[2];
@@ -720,33 +734,38 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
             }
             T inv[2][4];
             {
-                // a lone row's two pairs fill the other row's slots too
+                // the block's pairs (2 i + k); the four slots repeat them where they are fewer
+                int present[4], count = 0;
+                for (int i = 0; i < nr; ++i)
+                    for (int k = 0; k < n; ++k) present[count++] = 2 * i + k;
                 const T* scq[4];
                 T* prq[4];
                 Vec mxq[4];
                 for (int j = 0; j < 4; ++j) {
-                    const int q = j < 2 * nr ? j : j - 2;
+                    const int q = present[j % count];
                     scq[j] = sc + q * NS;
                     prq[j] = pr + q * NS;
                     mxq[j] = mx[q];
                 }
                 T m2q[8], lq[8];
                 pair_probs<Cfg>(scq, mxq, scale2, prq, m2q, lq);
-                for (int j = 0; j < 2 * nr; ++j)
-                    for (int h = 0; h < 2; ++h) {
-                        const int i = j / 2, k = j % 2;
+                for (int j = 0; j < count; ++j) {
+                    const int i = present[j] / 2, k = present[j] % 2;
+                    for (int h = 0; h < (up[k] ? 2 : 1); ++h) {
                         const int64_t slot = l2 + k + F::H * h - lo[2];
                         inv[i][k + 2 * h] = T(1) / lq[2 * j + h];
                         row_m2[i][slot] = m2q[2 * j + h];
                         row_l[i][slot] = lq[2 * j + h];
                     }
+                }
             }
             for (int i = 0; i < nr; ++i)
-                for (int h = 0; h < 2; ++h) {
+                for (int h = 0; h < (up[0] ? 2 : 1); ++h) {
                     const int qa = 2 * h, qb = 2 * h + 1;  // queries (i, 0, h), (i, 1, h)
+                    const bool both = n == 2 && (h == 0 || up[1]);
                     const T* pa = pr + 2 * i * NS + F::H * h;
                     const T* pb = pr + (2 * i + 1) * NS + F::H * h;
-                    const int64_t delta = corner[i][qb] - corner[i][qa];
+                    const int64_t delta = both ? corner[i][qb] - corner[i][qa] : -1;
                     auto pv = [&](const auto& st, const auto& corner_of) {
                         if (delta == 1)
                             fixed_pv2<Cfg, 0, 1>(corner_of(qa), st, pa, pb, output(i, qa, row[i][qa]),
@@ -756,7 +775,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                                                  output(i, qb, row[i][qb]), inv[i][qa], inv[i][qb]);
                         else {
                             fixed_pv<Cfg, 0>(corner_of(qa), st, pa, output(i, qa, row[i][qa]), inv[i][qa]);
-                            fixed_pv<Cfg, 0>(corner_of(qb), st, pb, output(i, qb, row[i][qb]), inv[i][qb]);
+                            if (both)
+                                fixed_pv<Cfg, 0>(corner_of(qb), st, pb, output(i, qb, row[i][qb]), inv[i][qb]);
                         }
                     };
                     if (p.fixed_gathers_values)
@@ -766,7 +786,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                             return vsrc + vcorner01[i] + t.ax[2]->start[l2 + q % 2 + F::H * (q / 2)] * sst.s2;
                         });
                     if (in)
-                        for (int q = qa; q <= qb; ++q) output_rows<T>(in, ow[i][q], F::HD, a.out, row[i][q] * F::HD);
+                        for (int q = qa; q <= (both ? qb : qa); ++q)
+                            output_rows<T>(in, ow[i][q], F::HD, a.out, row[i][q] * F::HD);
                 }
         }
     };
@@ -866,14 +887,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
         if constexpr (F::PAIRS) {
             // runs of V columns: blocks l2, l2 + 1 of the first half paired with l2 + H, l2 + H + 1
             for (int64_t c0 = lo[2]; c0 < hi[2]; c0 += V)
-                for (int64_t l2 = c0; l2 < std::min(c0 + F::H, hi[2]); l2 += 2) {
-                    if (l2 + F::H + 1 < hi[2]) {
-                        pair_block(l2, nr, dv, corner01, row01, vcorner01);
-                    } else {
-                        block(l2);
-                        if (l2 + F::H < hi[2]) block(l2 + F::H);
-                    }
-                }
+                for (int64_t l2 = c0; l2 < std::min(c0 + F::H, hi[2]); l2 += 2)
+                    pair_block(l2, nr, dv, corner01, row01, vcorner01);
         } else
 #endif
         {
