@@ -3,7 +3,10 @@ overrides it.
 
 Every CPU module holds the kernel body once per variant (templates/natgen_cpu.h): `avx512` (AVX-512
 F/BW/VL/DQ + FMA + F16C, 16 fp32 lanes), `avx2` (AVX2 + FMA + F16C, 8 lanes) and `portable` (the baseline ISA, no
-specialized fixed-shape paths). The entry point takes the variant's code, its index in VARIANTS (the order of
+specialized fixed-shape paths). `avx512bf16` is the avx512 body with AVX512_BF16's dot products for bf16 inputs:
+the specialized forward's scores multiply bf16 channel pairs with float32 sums instead of widening the keys and
+queries first (docs/semantics.md: within the tolerance rule, not the bits of converting first; `avx512` keeps
+those bits). The entry point takes the variant's code, its index in VARIANTS (the order of
 natgen_cpu_config.h's `Isa`), on every call, so `use` / `force` switch variants without reloading anything.
 """
 from __future__ import annotations
@@ -15,10 +18,12 @@ import platform
 from typing import Optional, Tuple
 
 ENV = "NATGEN_CPU_ISA"
-VARIANTS = ("portable", "avx2", "avx512")  # code = index (natgen_cpu_config.h's Isa)
+VARIANTS = ("portable", "avx2", "avx512", "avx512bf16")  # code = index (natgen_cpu_config.h's Isa)
 # the CPU flags (as /proc/cpuinfo names them) each variant's instructions need
 NEEDS = {"portable": (), "avx2": ("avx2", "fma", "f16c"),
          "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c")}
+NEEDS["avx512bf16"] = NEEDS["avx512"] + ("avx512_bf16",)
+LANES = {"avx512bf16": 16, "avx512": 16, "avx2": 8, "portable": 8}  # fp32 lanes of a vector
 _TORCH_CAPABILITY = {"AVX512": ("avx512", "avx2", "portable"), "AVX2": ("avx2", "portable")}
 
 _state = {"name": None, "code": None, "why": None}
@@ -70,7 +75,7 @@ def default() -> Tuple[str, str]:
     have = supported()
     vendor, family = _cpuinfo().get("vendor_id"), _family()
     step_down = SLOWER_WIDE.get((vendor or "", family))
-    if have[0] == "avx512" and step_down in have:
+    if have[0] in ("avx512", "avx512bf16") and step_down in have:
         return step_down, (f"{vendor} family {family}'s AVX-512 measured slower than {step_down} "
                            f"(set {ENV}=avx512 to use it)")
     return have[0], "the best variant this CPU supports"
@@ -85,6 +90,21 @@ def supported() -> Tuple[str, ...]:
         return tuple(name for name in reversed(VARIANTS) if all(flag in flags for flag in NEEDS[name]))
     import torch  # no /proc/cpuinfo: torch's own dispatch level (it needs the same AVX-512 subsets)
     return _TORCH_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), ("portable",))
+
+
+# the CPU flags a machine line names (the ones the variants or a peer's kernels turn on)
+NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_class() -> str:
+    """The CPU's vendor, family and model and its notable ISA flags, e.g. 'AuthenticAMD family 26 model 2:
+    avx2 fma avx512f avx512_bf16' (benchmark tables name the machine by it: one model name covers several)."""
+    info, flags = _cpuinfo(), _cpu_flags() or set()
+    ident = " ".join(f"{key} {info[field]}" if key else info[field]
+                     for key, field in (("", "vendor_id"), ("family", "cpu family"), ("model", "model"))
+                     if field in info)
+    have = " ".join(flag for flag in NOTABLE_FLAGS if flag in flags)
+    return f"{ident or platform.machine()}: {have or 'none of ' + ', '.join(NOTABLE_FLAGS)}"
 
 
 def check(name: str) -> str:
@@ -126,7 +146,7 @@ def code() -> int:
 def describe() -> str:
     """One line naming the variant and why it was picked (explain, the backend's log, bench)."""
     name = current()
-    lanes = {"avx512": 16, "avx2": 8, "portable": 8}[name]
+    lanes = LANES[name]
     return f"{name} ({lanes} fp32 lanes; {_state['why']}; supported here: {', '.join(supported())})"
 
 

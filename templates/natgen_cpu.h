@@ -2,7 +2,8 @@
 // include this header only. It includes the standard headers, natgen_cpu_target.h (compile targets,
 // attributes) and natgen_cpu_config.h (Config, the ISA codes), then the kernel body (natgen_cpu_variant.h and
 // its parts) once per ISA variant, each in its own namespace under its own `#pragma GCC target`:
-//   natgen::avx512    AVX-512 F/BW/VL/DQ + FMA + F16C: 64-byte vectors, 16 fp32 lanes (x86-64 with GCC only)
+//   natgen::avx512    AVX-512 F/BW/VL/DQ + FMA + F16C: 64-byte vectors, 16 fp32 lanes (x86-64 with GCC only);
+//                     its code kAvx512Bf16 adds AVX512_BF16's dot products for bf16 inputs (Plan::bf16_dot)
 //   natgen::avx2      AVX2 + FMA + F16C: 32-byte vectors, 8 fp32 lanes (x86-64 with GCC only)
 //   natgen::portable  the baseline ISA: 32-byte GCC vectors, no specialized fixed-shape paths
 // The vector width is the variant's one parameter (NATGEN_VEC_BYTES, read by VecTraits): the same source, not
@@ -30,9 +31,10 @@
 //   value offset from a query's window corner is a compile-time constant, take the softmax in base 2, and
 //   work on 2 x 2 query blocks: the scores of the two queries stacked on axis 1 together (each key vector
 //   loaded once for both), P.V of the two side by side on the last axis together (each value row loaded
-//   once for both). Their score vectors have the variant's width, so on AVX-512 a 7-key window row fills 7
-//   of 16 lanes (P.V and the output rows use all 16). In 2-D their tiles grow up to 4x taller on axis 1
-//   where the problem has units enough for the threads.
+//   once for both). Their score vectors have the variant's width; on AVX-512, where a window row has at most 8
+//   keys, one vector holds two queries' rows (query pairs, FixedFwd::PAIRS: columns c and c + 8 of a tile 16
+//   wide), so a 7-key row fills 14 of 16 lanes rather than 7. In 2-D their tiles grow up to 4x taller on
+//   axis 1 where the problem has units enough for the threads.
 // - Backward: vectorized over queries. One vector holds V neighbouring queries along the last axis
 //   ("lanes"), whose windows are one box shifted by a key per lane, so the key of lane j at window (row,
 //   column) is column + j of a union row: one contiguous vector load per (row, column, channel) from keys and
@@ -117,7 +119,7 @@ namespace portable {
 }  // namespace portable
 
 // The variants this module holds, best first (the `<name>_variants` export; runtime/cpu_isa.py's names).
-constexpr const char* kVariants = NATGEN_X86_VARIANTS ? "avx512,avx2,portable" : "portable";
+constexpr const char* kVariants = NATGEN_X86_VARIANTS ? "avx512bf16,avx512,avx2,portable" : "portable";
 
 // Runs the forward or backward of `Cfg` on ISA variant `isa`. Returns 0, or 3 for a code this module has no
 // variant for, 4 for a variant whose instructions this CPU lacks.
@@ -127,12 +129,13 @@ template <class Cfg, bool Forward> int dispatch(const Args& a, int isa) {
         !(std::is_same<typename Cfg::T, float>::value && (a.input_dtype == kInputBf16 || a.input_dtype == kInputF16)))
         return 5;
 #if NATGEN_X86_VARIANTS
-    if (isa == kAvx512) {
+    if (isa == kAvx512 || isa == kAvx512Bf16) {
         if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
             return 4;
-        if constexpr (Forward) avx512::run_forward<Cfg>(a); else avx512::run_backward<Cfg>(a);
+        if (isa == kAvx512Bf16 && !__builtin_cpu_supports("avx512bf16")) return 4;
+        if constexpr (Forward) avx512::run_forward<Cfg>(a, isa == kAvx512Bf16); else avx512::run_backward<Cfg>(a);
         return 0;
     }
     if (isa == kAvx2) {

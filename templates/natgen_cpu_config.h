@@ -18,6 +18,8 @@ struct Config {
 };
 
 // The ISA variant a call runs: its code is its index in runtime/cpu_isa.py's VARIANTS (the same order).
-enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kIsaCount = 3 };
+// kAvx512Bf16 runs the AVX-512 body with the bf16 dot products of AVX512_BF16 where a call's inputs are bf16
+// (Plan::bf16_dot); everywhere else it is kAvx512.
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kIsaCount = 4 };
 
 }  // namespace natgen

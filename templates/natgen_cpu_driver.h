@@ -101,9 +101,10 @@ template <class Body> void parallel_units(int64_t threads, int64_t units, Body b
     work(omp_get_thread_num());
 }
 
-template <class Cfg> void run_forward(const Args& a) {
+// bf16_dot: the CPU has AVX512_BF16 and the caller asked for its dot products (kAvx512Bf16)
+template <class Cfg> void run_forward(const Args& a, bool bf16_dot = false) {
     typedef typename Cfg::T T;
-    const Plan p = make_plan<Cfg>(a, true);
+    const Plan p = make_plan<Cfg>(a, true, bf16_dot);
     const int64_t units = a.batch * a.heads * items_count(p);
     const int64_t workers = std::max<int64_t>(1, std::min(a.threads, units));
     parallel_units(workers, units, [&](int64_t, int64_t unit) {

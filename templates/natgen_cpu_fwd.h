@@ -242,6 +242,15 @@ NATGEN_INLINE void fixed_gather(const Plan& p, const TileRef& t, const Geometry&
                 rows[u2] = k + row;
                 if (p.fixed_gathers_values) widen_row(v + row, F::HD, vu + (slot + u2) * F::HD);
             }
+            if constexpr (std::is_same<In, bf16>::value && std::is_same<T, float>::value) {
+                if (p.bf16_dot) {
+                    // the keys' bf16 channel pairs, transposed as 32-bit elements (kt[pair * KEYS + slot])
+                    const T* pairs[F::ROWLEN];
+                    for (int64_t u2 = 0; u2 < F::ROWLEN; ++u2) pairs[u2] = reinterpret_cast<const T*>(rows[u2]);
+                    for (int64_t c = 0; c < cols; c += V) rows_to_lanes<T>(pairs + c, F::HD / 2, kt + slot + c, F::KEYS);
+                    continue;
+                }
+            }
             for (int64_t c = 0; c < cols; c += V) rows_to_lanes<T>(rows + c, F::HD, kt + slot + c, F::KEYS);
         }
     }
@@ -529,7 +538,9 @@ NATGEN_FIXED_TARGET void fixed_probs(const typename Cfg::T* const* sc, const typ
 // Scores of NR (1 or 2) pairs stacked on axis 1 (the second pair's window DV rows below the first's, as in
 // fixed_dot_rows2), union rows [U0, U0 + NB) of one window plane, all in registers; pair i's queries are
 // lo[i], hi[i], its scores go to sc[i] and its running max to mx[i] (lanes past a window row's end masked).
-template <class Cfg, int NR, int DV, bool CONTIG, int U0>
+// BF16 (Plan::bf16_dot): queries and keys are bf16 channel pairs, one 32-bit element each (HD / 2 of them, the
+// keys transposed as pairs), multiplied by dot_bf16_pairs.
+template <class Cfg, int NR, int DV, bool CONTIG, bool BF16, int U0>
 NATGEN_INLINE void pair_dot_rows(const float* __restrict kb, int64_t s8, const float* const* lo,
                                  const float* const* hi, float* const* sc, VecTraits<float>::type* mx) {
     typedef VecTraits<float>::type Vec;
@@ -539,7 +550,9 @@ NATGEN_INLINE void pair_dot_rows(const float* __restrict kb, int64_t s8, const f
     Vec acc[2][NB];
     for (int i = 0; i < 2; ++i)
         for (int u = 0; u < NB; ++u) acc[i][u] = Vec{};
-    for (int d = 0; d < F::HD; d += 4) {
+    constexpr int CHANNELS = BF16 ? F::HD / 2 : F::HD;  // 32-bit elements of a query row
+    static_assert(CHANNELS % 4 == 0, "pair_dot_rows: channels in fours");
+    for (int d = 0; d < CHANNELS; d += 4) {
         Vec quads[NR];
         for (int i = 0; i < NR; ++i) quads[i] = pair_quads(lo[i] + d, hi[i] + d);
 #pragma GCC unroll 4
@@ -554,8 +567,13 @@ NATGEN_INLINE void pair_dot_rows(const float* __restrict kb, int64_t s8, const f
             for (int u = 0; u < NB; ++u) {
                 const float* at = row + u * F::ROWLEN;
                 const Vec kv = CONTIG ? load<float>(at) : load_halves(at, at + s8);
-                if (U0 + u < F::K1) acc[0][u] += x[0] * kv;
-                if (NR == 2 && U0 + u >= DV) acc[NR - 1][u] += x[NR - 1] * kv;
+                if constexpr (BF16) {
+                    if (U0 + u < F::K1) acc[0][u] = dot_bf16_pairs(acc[0][u], x[0], kv);
+                    if (NR == 2 && U0 + u >= DV) acc[NR - 1][u] = dot_bf16_pairs(acc[NR - 1][u], x[NR - 1], kv);
+                } else {
+                    if (U0 + u < F::K1) acc[0][u] += x[0] * kv;
+                    if (NR == 2 && U0 + u >= DV) acc[NR - 1][u] += x[NR - 1] * kv;
+                }
             }
         }
     }
@@ -575,10 +593,10 @@ NATGEN_INLINE void pair_dot_rows(const float* __restrict kb, int64_t s8, const f
             mx[NR - 1] = max_ps(valid ? acc[NR - 1][u] : lowest, mx[NR - 1]);
         }
     }
-    if constexpr (U0 + NB < NU) pair_dot_rows<Cfg, NR, DV, CONTIG, U0 + NB>(kb, s8, lo, hi, sc, mx);
+    if constexpr (U0 + NB < NU) pair_dot_rows<Cfg, NR, DV, CONTIG, BF16, U0 + NB>(kb, s8, lo, hi, sc, mx);
 }
 
-template <class Cfg, int NR, int DV, bool CONTIG>
+template <class Cfg, int NR, int DV, bool CONTIG, bool BF16>
 NATGEN_FIXED_TARGET void pair_scores(const float* __restrict kb, int64_t s8, const float* const* lo,
                                      const float* const* hi, float* const* sc, VecTraits<float>::type* mx) {
     typedef FixedFwd<Cfg> F;
@@ -588,7 +606,7 @@ NATGEN_FIXED_TARGET void pair_scores(const float* __restrict kb, int64_t s8, con
     for (int a0 = 0; a0 < F::K0; ++a0) {
         float* scp[NR];
         for (int i = 0; i < NR; ++i) scp[i] = sc[i] + a0 * F::K1 * F::V;
-        pair_dot_rows<Cfg, NR, DV, CONTIG, 0>(kb + a0 * F::PLANE, s8, lo, hi, scp, m);
+        pair_dot_rows<Cfg, NR, DV, CONTIG, BF16, 0>(kb + a0 * F::PLANE, s8, lo, hi, scp, m);
     }
     for (int i = 0; i < NR; ++i) mx[i] = m[i];
 }
@@ -707,7 +725,10 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                         const int64_t col = l2 + k + F::H * h;
                         row[i][q] = row01[i] + col * step2;
                         corner[i][q] = corner01[i] + t.ax[2]->start[col];
-                        (h ? qhi : qlo)[k][i] = query(i, q, row[i][q]);
+                        // bf16 dot products read the query's bf16 channel pairs where they are
+                        (h ? qhi : qlo)[k][i] =
+                            p.bf16_dot ? reinterpret_cast<const T*>(reinterpret_cast<const bf16*>(a.q) + row[i][q] * F::HD)
+                                       : query(i, q, row[i][q]);
                     }
             }
             alignas(64) Vec mx[4];
@@ -715,21 +736,30 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 const int64_t s8 = corner[0][k + 2] - corner[0][k];  // the same on every row
                 T* scp[2] = {sc + k * NS, sc + (2 + k) * NS};
                 Vec m[2];
-                if (nr == 2 && dv == 1 && s8 == F::H)
-                    pair_scores<Cfg, 2, 1, true>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
-                else if (nr == 2 && dv == 1)
-                    pair_scores<Cfg, 2, 1, false>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
-                else if (nr == 2 && dv == 0 && s8 == F::H)
-                    pair_scores<Cfg, 2, 0, true>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
-                else if (nr == 2 && dv == 0)
-                    pair_scores<Cfg, 2, 0, false>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                auto scores = [&](auto bf16_dot) {
+                    constexpr bool B = decltype(bf16_dot)::value;
+                    if (nr == 2 && dv == 1 && s8 == F::H)
+                        pair_scores<Cfg, 2, 1, true, B>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                    else if (nr == 2 && dv == 1)
+                        pair_scores<Cfg, 2, 1, false, B>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                    else if (nr == 2 && dv == 0 && s8 == F::H)
+                        pair_scores<Cfg, 2, 0, true, B>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                    else if (nr == 2 && dv == 0)
+                        pair_scores<Cfg, 2, 0, false, B>(kt + corner[0][k], s8, qlo[k], qhi[k], scp, m);
+                    else
+                        for (int i = 0; i < nr; ++i) {
+                            if (s8 == F::H)
+                                pair_scores<Cfg, 1, 0, true, B>(kt + corner[i][k], s8, &qlo[k][i], &qhi[k][i], &scp[i],
+                                                                &m[i]);
+                            else
+                                pair_scores<Cfg, 1, 0, false, B>(kt + corner[i][k], s8, &qlo[k][i], &qhi[k][i], &scp[i],
+                                                                 &m[i]);
+                        }
+                };
+                if (p.bf16_dot)
+                    scores(std::true_type{});
                 else
-                    for (int i = 0; i < nr; ++i) {
-                        if (s8 == F::H)
-                            pair_scores<Cfg, 1, 0, true>(kt + corner[i][k], s8, &qlo[k][i], &qhi[k][i], &scp[i], &m[i]);
-                        else
-                            pair_scores<Cfg, 1, 0, false>(kt + corner[i][k], s8, &qlo[k][i], &qhi[k][i], &scp[i], &m[i]);
-                    }
+                    scores(std::false_type{});
                 for (int i = 0; i < nr; ++i) mx[2 * i + k] = m[i];
             }
             T inv[2][4];

@@ -75,6 +75,8 @@ struct Plan {
     int64_t fixed_keys;        // its key slots per tile (0 when it does not)
     bool fixed_gathers_values; // it gathers the values too: 16-bit inputs (widened), or fp32 ones whose rows in
                                // place would thrash the L1 (values_conflict); otherwise P.V reads v itself
+    bool bf16_dot = false;     // its scores are AVX512_BF16 dot products of bf16 channel pairs (kAvx512Bf16, bf16
+                               // inputs, query pairs): keys gathered as pairs, unwidened (fixed_gather)
     // backward bands (choose_bands): the unit's tiles along band_axis split into runs of band_tiles tiles
     int band_axis = 0;
     int64_t band_tiles = 1 << 30, bands = 1;
@@ -148,7 +150,7 @@ inline bool values_conflict(const Args& a, const int64_t* K, int64_t row_bytes, 
     return total > kWays * __builtin_popcountll(sets);
 }
 
-template <class Cfg> Plan make_plan(const Args& a, bool forward) {
+template <class Cfg> Plan make_plan(const Args& a, bool forward, bool bf16_dot = false) {
     typedef typename Cfg::T T;
     constexpr int V = VecTraits<T>::width;
     Plan p;
@@ -231,6 +233,7 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward) {
     p.fixed_keys = p.fixed ? F::KEYS : 0;
     p.fixed_gathers_values = p.fixed && (input_kind<T>(a) != kInputCompute ||
                                          values_conflict(a, p.K, p.hdv * int64_t(sizeof(T)), a.heads_kv));
+    p.bf16_dot = bf16_dot && p.fixed && F::PAIRS && input_kind<T>(a) == kInputBf16;
     if (banded) choose_bands(p);
     return p;
 }

@@ -377,6 +377,16 @@ NATGEN_INLINE VecTraits<float>::type pair_quads(const float* a, const float* b) 
 template <int J> NATGEN_INLINE VecTraits<float>::type pair_splat_lane(VecTraits<float>::type quads) {
     return VecTraits<float>::type(_mm512_permute_ps(__m512(quads), J * 0x55));
 }
+// acc + the dot products of x's and k's bf16 channel pairs, lane by lane (AVX512_BF16's vdpbf16ps: each lane
+// adds the product of its odd channels, then of its even ones, each exact, each sum rounded to float, with
+// subnormals flushed). Written in assembly, so this variant's code needs no AVX512_BF16 target (which would let
+// the compiler use it elsewhere); only Plan::bf16_dot calls reach it, on CPUs that have it (dispatch).
+NATGEN_INLINE VecTraits<float>::type dot_bf16_pairs(VecTraits<float>::type acc, VecTraits<float>::type x,
+                                                   VecTraits<float>::type k) {
+    __m512 r = __m512(acc);
+    asm("vdpbf16ps %2, %1, %0" : "+v"(r) : "v"(__m512(x)), "vm"(__m512(k)));
+    return VecTraits<float>::type(r);
+}
 // a in the lower half, b in the upper
 NATGEN_INLINE VecTraits<float>::type pair_splat(float a, float b) {
     return VecTraits<float>::type(_mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1));

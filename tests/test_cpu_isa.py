@@ -112,11 +112,11 @@ def test_forward_has_the_same_bits_for_any_thread_count(isa):
 
 
 def test_every_variant_is_compiled_into_the_module():
-    """The module of a fixed-shape instance holds every variant, whatever this CPU runs (x86-64: all three)."""
+    """The module of a fixed-shape instance holds every variant, whatever this CPU runs (x86-64: all four)."""
     q = torch.randn(1, 12, 12, 1, 32)
     natgen.na2d(q, q, q, 7)
     kernel = cxx.load(cpu.choose(natgen.ops.resolve(2, q, q, q, 7)[0], "fwd"))
-    expected = ("avx512", "avx2", "portable") if SUPPORTED != ("portable",) else ("portable",)
+    expected = ("avx512bf16", "avx512", "avx2", "portable") if SUPPORTED != ("portable",) else ("portable",)
     assert kernel.variants[:len(expected)] == expected
 
 
@@ -127,18 +127,21 @@ def test_the_best_supported_variant_is_the_default(monkeypatch):
         # the widest variant, except AVX-512 on AMD's Zen 4 (family 25: 512-bit operations run as two halves)
         info = cpu_isa._cpuinfo()
         zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
-        expected = "avx2" if SUPPORTED[0] == "avx512" and zen4 else SUPPORTED[0]
+        expected = "avx2" if SUPPORTED[0] in ("avx512", "avx512bf16") and zen4 else SUPPORTED[0]
         assert cpu_isa.current() == expected
         assert cpu_isa.current() in cpu_isa.describe()
     finally:
         cpu_isa.force(None)
 
 
-@pytest.mark.parametrize("vendor, family, expected", [("AuthenticAMD", "25", "avx2"), ("AuthenticAMD", "26", "avx512"),
-                                                     ("GenuineIntel", "6", "avx512"), ("AuthenticAMD", "", "avx512")])
-def test_the_default_steps_down_where_the_wide_variant_measured_slower(monkeypatch, vendor, family, expected):
+@pytest.mark.parametrize("vendor, family, expected", [("AuthenticAMD", "25", "avx2"), ("AuthenticAMD", "26", "avx512bf16"),
+                                                     ("GenuineIntel", "6", "avx512bf16"), ("AuthenticAMD", "", "avx512bf16")])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_default_steps_down_where_the_wide_variant_measured_slower(monkeypatch, vendor, family, expected, bf16):
     monkeypatch.delenv(cpu_isa.ENV, raising=False)
-    monkeypatch.setattr(cpu_isa, "supported", lambda: ("avx512", "avx2", "portable"))
+    have = ("avx512bf16",) * bf16 + ("avx512", "avx2", "portable")
+    expected = expected if bf16 or expected == "avx2" else "avx512"
+    monkeypatch.setattr(cpu_isa, "supported", lambda: have)
     fields = dict(cpu_isa._cpuinfo(), vendor_id=vendor, **{"cpu family": family})
     monkeypatch.setattr(cpu_isa, "_cpuinfo", lambda: fields)
     cpu_isa.force(None)
@@ -149,7 +152,7 @@ def test_the_default_steps_down_where_the_wide_variant_measured_slower(monkeypat
         cpu_isa.force(None)
 
 
-@pytest.mark.parametrize("value, message", [("sse9", "unknown CPU ISA variant; allowed values: avx512, avx2, portable"),
+@pytest.mark.parametrize("value, message", [("sse9", "unknown CPU ISA variant; allowed values: avx512bf16, avx512, avx2, portable"),
                                             ("AVX512", None)])
 def test_the_environment_variable_is_checked(monkeypatch, value, message):
     monkeypatch.setenv(cpu_isa.ENV, value)
@@ -174,3 +177,13 @@ def test_forcing_a_missing_variant_names_what_it_needs(monkeypatch):
     with pytest.raises(ValueError, match="needs avx512f, avx512bw, avx512vl, avx512dq, fma.*allowed values here: "
                                          "avx2, portable"):
         cpu_isa.force("avx512")
+
+
+def test_the_machine_line_names_the_cpu_class(monkeypatch):
+    """One model name ("AMD EPYC") covers CPUs of different classes: benchmark tables name family, model, flags."""
+    fields = {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143",
+              "flags": "fpu sse2 avx2 fma avx512f avx512bw amx_tile amx_bf16"}
+    monkeypatch.setattr(cpu_isa, "_cpuinfo", lambda: fields)
+    assert cpu_isa.cpu_class() == "GenuineIntel family 6 model 143: avx2 fma avx512f amx_tile amx_bf16"
+    monkeypatch.setattr(cpu_isa, "_cpuinfo", lambda: {"flags": "fpu sse2"})
+    assert cpu_isa.cpu_class().endswith(": none of " + ", ".join(cpu_isa.NOTABLE_FLAGS))

@@ -111,7 +111,7 @@ def machine_description(device="cpu") -> str:
     else:
         import os
         from .. import cpu_isa
-        parts.append(f"{cpu_model() or 'CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-                     f"natgen ISA variant {cpu_isa.current()}")
+        parts.append(f"{cpu_model() or 'CPU'} ({cpu_isa.cpu_class()}), {os.cpu_count()} cores, "
+                     f"{torch.get_num_threads()} torch threads, natgen ISA variant {cpu_isa.current()}")
     parts.append(f"torch {torch.__version__}")
     return "; ".join(parts)
