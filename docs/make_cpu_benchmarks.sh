@@ -19,8 +19,24 @@ run() {
     } >> "$OUT"
 }
 
+# the same on one ISA variant (NATGEN_CPU_ISA)
+run_isa() {
+    local isa="$1"
+    shift
+    echo "+ NATGEN_CPU_ISA=$isa natgen bench $*" >&2
+    {
+        echo
+        echo '```'
+        echo "\$ NATGEN_CPU_ISA=$isa natgen bench $*"
+        NATGEN_CPU_ISA="$isa" natgen bench -q "$@"
+        echo '```'
+    } >> "$OUT"
+}
+
 {
-    echo "Machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores," \
+    echo "Machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1)" \
+         "($(python -c 'from natgen import cpu_isa; print(cpu_isa.cpu_class())')), $(nproc) cores," \
+         "natgen's default ISA variant here: $(python -c 'from natgen import cpu_isa; print(cpu_isa.describe())')," \
          "torch $(python -c 'import torch; print(torch.__version__)')," \
          "natten $(python -c 'import natten; print(natten.__version__)' 2>/dev/null || echo 'not installed')," \
          "generated $(date -u +%Y-%m-%d) by docs/make_cpu_benchmarks.sh;" \
@@ -45,5 +61,19 @@ echo -e "\n### cpu-2d in float16 (natgen's kernels read fp16 themselves; dense S
 run --device cpu --set cpu-2d --dtype fp16 --peers natgen,flex,sdpa --repeats "$REPEATS" "$@"
 echo -e "\n### cpu-2d in float16, forward + backward" >> "$OUT"
 run --device cpu --set cpu-2d --dtype fp16 --peers natgen,flex,sdpa --repeats "$REPEATS" --backward "$@"
+
+# every ISA variant this CPU runs but the default, natgen alone (the default's rows are above)
+DEFAULT_ISA="$(python -c 'from natgen import cpu_isa; print(cpu_isa.current())')"
+for isa in $(python -c 'from natgen import cpu_isa; print(" ".join(cpu_isa.supported()))'); do
+    [ "$isa" = "$DEFAULT_ISA" ] && continue
+    echo -e "\n### ISA variant $isa (natgen alone): standard CPU sets and nat-2d batch 4, forward, then forward + backward" >> "$OUT"
+    run_isa "$isa" --device cpu --set cpu-2d --set cpu-1d --set nat-2d --batch 4 --peers natgen --repeats "$REPEATS" "$@"
+    run_isa "$isa" --device cpu --set cpu-2d --set cpu-1d --set nat-2d --batch 4 --peers natgen --repeats "$REPEATS" \
+        --backward "$@"
+    case "$isa" in avx512*)
+        echo -e "\n### ISA variant $isa, cpu-2d in bfloat16 (natgen alone), forward" >> "$OUT"
+        run_isa "$isa" --device cpu --set cpu-2d --dtype bf16 --peers natgen --repeats "$REPEATS" "$@" ;;
+    esac
+done
 
 python docs/splice_section.py cpu-benchmarks "$OUT" docs/benchmarks.md
