@@ -206,6 +206,9 @@ def explain(rank, shape, kernel_size, stride, dilation, causal, dtype, head_dim,
             from . import cpu_isa
             try:
                 click.echo(f"         ISA variant: {cpu_isa.describe()}")
+                if DTYPE_ALIASES[dtype] == "bfloat16" and not backward and cpu_isa.current() == "avx512bf16":
+                    click.echo("         bf16 inputs: the specialized forward's scores are AVX512_BF16 dot products "
+                               f"(within the tolerance rule; {cpu_isa.ENV}=avx512 keeps the bits of converting first)")
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from None
         waste = best.details.get("computed_keys_per_useful_key")

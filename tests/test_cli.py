@@ -84,3 +84,16 @@ def test_demo_runs_and_reports_small_errors():
     for row in rows:
         error = float([cell for cell in row.split() if "e-" in cell or "e+" in cell][0])
         assert error < 1e-5, row
+
+
+def test_explain_says_where_bf16_scores_are_avx512_bf16_dot_products():
+    from natgen import cpu_isa
+    for isa in cpu_isa.supported():
+        with cpu_isa.use(isa):
+            bf16 = run("explain", "--rank", "2", "--shape", "32x32", "--kernel-size", "7", "--dtype", "bf16",
+                       "--target", "cpu")
+            fp32 = run("explain", "--rank", "2", "--shape", "32x32", "--kernel-size", "7", "--dtype", "fp32",
+                       "--target", "cpu")
+        assert f"ISA variant: {isa}" in bf16.output
+        assert ("AVX512_BF16 dot products" in bf16.output) == (isa == "avx512bf16")
+        assert "AVX512_BF16 dot products" not in fp32.output
