@@ -65,6 +65,11 @@ class EagerNA(torch.autograd.Function):
         q, k, v, extra_k, extra_v, out, lse, rpb = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        fast = ctx.resolved.fast_backward
+        if fast is not None and extra_k is None and rpb is None:
+            grads = fast(q, k, v, out, lse, grad_out, grad_lse)
+            if grads is not None:
+                return (*grads, None, None, None, None, None)
         grads = backward_grads(ctx.problem, ctx.resolved, q, k, v, extra_k, extra_v, out, lse, grad_out,
                                grad_lse, rpb)
         return (*grads, None, None)

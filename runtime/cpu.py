@@ -138,6 +138,8 @@ class CpuCall(Resolved):
         self.out_shape = (problem.batch, *problem.spatial, problem.heads, problem.head_dim_v)
         if self.input_dtype == problem.dtype and self.dtype == torch.float32 and not problem.n_extra:
             self.fast = self._first_fast  # the module loads (compiling on first use) at the first call
+            if backward is not None and problem.dtype == torch.float32:
+                self.fast_backward = self._first_fast_backward
 
     @property
     def module(self):
@@ -175,6 +177,44 @@ class CpuCall(Resolved):
                       lse.data_ptr() if with_lse else 0, *tail)
             call(entry[1], fields)
             return out, lse
+
+        return run
+
+    def _first_fast_backward(self, q, k, v, out, lse, grad_out, grad_lse):
+        self.fast_backward = self._fast_backward_runner()
+        return self.fast_backward(q, k, v, out, lse, grad_out, grad_lse) if self.fast_backward is not None else None
+
+    def _fast_backward_runner(self):
+        """(q, k, v, out, lse, grad_out, grad_lse) -> (grad_q, grad_k, grad_v), or None where a tensor is not
+        contiguous (the caller then takes backward()): float32 calls without extra tokens or bias, whose
+        tensors the kernel reads as they are; one pointer per name, packed in the layout's order."""
+        if self._backward_module is None:
+            self._backward_module = cxx.load(self.backward_instance)
+        blocks, empty, get_threads = self.backward_blocks, torch.empty, torch.get_num_threads
+        call, fields = self._backward_module.run, blocks.count
+        offset, pack_into, order = blocks.pointer_offset, blocks.pointer_struct.pack_into, blocks.pointer_names
+        names = ("q", "k", "v", "out", "lse", "grad_out", "grad_lse", "grad_q", "grad_k", "grad_v")
+        if any(name not in order for name in names):
+            return None
+        slots = [order.index(name) for name in names]
+        cleared = [0] * len(order)  # extra tokens, bias and their grads: null
+
+        def run(q, k, v, out, lse, grad_out, grad_lse):
+            if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and out.is_contiguous() and
+                    lse.is_contiguous() and grad_out.is_contiguous() and
+                    (grad_lse is None or grad_lse.is_contiguous())):
+                return None
+            # torch.empty: each kernel work unit zeroes the key grads it owns
+            grads = (empty(q.shape, dtype=torch.float32), empty(k.shape, dtype=torch.float32),
+                     empty(v.shape, dtype=torch.float32))
+            pointers = cleared.copy()
+            for slot, tensor in zip(slots, (q, k, v, out, lse, grad_out, grad_lse) + grads):
+                if tensor is not None:
+                    pointers[slot] = tensor.data_ptr()
+            entry = blocks.block(get_threads())
+            pack_into(entry[0], offset, *pointers)
+            call(entry[1], fields)
+            return grads
 
         return run
 

@@ -24,9 +24,11 @@ class Resolved:
     grad_extra_k, grad_extra_v, grad_rpb)`, or None where the backend has no backward kernel for the problem
     (its gradients are then recomputed through the reference);
     `fast`, where set, is `(q, k, v, with_lse=True) -> (out, lse) or None` for calls without extra tokens or
-    grads (lse None where with_lse is false)."""
+    grads (lse None where with_lse is false); `fast_backward`, where set, is `(q, k, v, out, lse, grad_out,
+    grad_lse) -> (grad_q, grad_k, grad_v) or None` for the backward of such calls (None: take backward())."""
 
     fast: Optional[Callable] = None
+    fast_backward: Optional[Callable] = None
     backward_reason: Optional[str] = "the backend has no backward kernels"  # why backward() returns None
 
     def __init__(self, backend: str, instance: Optional[Instance] = None,

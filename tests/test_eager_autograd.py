@@ -124,3 +124,25 @@ def test_reference_fallback_warns_and_matches_the_reference():
     natgen.na2d(**expected, **KW, backend="reference").sum().backward()
     for name in tensors:
         torch.testing.assert_close(tensors[name].grad, expected[name].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size, head_dim", [(7, 32), ((3, 5), 16)])  # a fixed-shape and a generic instance
+def test_the_direct_cpu_backward_has_the_bits_of_the_general_one(kernel_size, head_dim):
+    """float32 calls without extra tokens or bias take the CPU backend's direct backward (its pointers packed
+    in one step); it must give exactly what the general backward does, and a non-contiguous cotangent, which
+    it declines, must too."""
+    from natgen import ops
+    leaves = _leaves(seed=4, shape=(1, 18, 20, 2, head_dim))
+    q, k, v = (leaves[name] for name in "qkv")
+    resolved = ops.resolve(2, q, k, v, kernel_size, backend="cpu")[1]
+    g = torch.Generator().manual_seed(5)
+    for contiguous in (True, False):
+        grad_out = torch.randn(head_dim, 2, 20, 18, 1, generator=g).permute(4, 3, 2, 1, 0)
+        grad_out = grad_out.contiguous() if contiguous else grad_out
+        out, lse = natgen.na2d(q, k, v, kernel_size, return_lse=True, backend="cpu")
+        fast = torch.autograd.grad(out, (q, k, v), grad_out)
+        assert resolved.fast_backward is not None and resolved.fast_backward.__name__ == "run"
+        general = resolved.backward(q.detach(), k.detach(), v.detach(), None, None, out.detach(), lse.detach(),
+                                    grad_out.contiguous(), None)
+        for a, b in zip(fast, general[:3]):
+            assert torch.equal(a, b)
