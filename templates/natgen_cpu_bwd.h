@@ -27,6 +27,10 @@ template <class Cfg, int NC_ = Cfg::K[2]> struct Fixed {
     static constexpr bool masked = NC != K2;
     static constexpr int NC_BORDER = K2 + K2 / 2;
     static constexpr bool border_on = on && K2 / 2 > 0 && K2 / 2 < V && NC_BORDER <= 14;
+    // a group holding both borders' clamped queries (an axis not much wider than the lanes: 14x14 on
+    // AVX-512, 7x7 with K=7 anywhere) reads K2 + 2 (K2 / 2) columns
+    static constexpr int NC_BOTH = K2 + 2 * (K2 / 2);
+    static constexpr bool both_on = border_on && NC_BOTH <= 14;
     static constexpr int line = 64 / sizeof(T);
     // a tile of one lane group's width reads NC + V - 1 columns per union row
     static constexpr int RS = (NC + V - 1 + line - 1) / line * line;
@@ -305,6 +309,13 @@ template <class Cfg> NATGEN_INLINE void backward_tile(const Plan& p, const TileR
                 if constexpr (F::border_on) {
                     if (!lg.uniform && lg.cols == FB::NC && g.rs == FB::RS) {
                         fixed_group<Cfg, FB::NC>(p, lg, s);
+                        continue;
+                    }
+                }
+                if constexpr (F::both_on) {
+                    typedef Fixed<Cfg, F::NC_BOTH> FC;
+                    if (!lg.uniform && lg.cols == FC::NC && g.rs == FC::RS) {
+                        fixed_group<Cfg, FC::NC>(p, lg, s);
                         continue;
                     }
                 }
