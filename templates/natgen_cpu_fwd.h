@@ -611,6 +611,28 @@ NATGEN_FIXED_TARGET void pair_scores(const float* __restrict kb, int64_t s8, con
     for (int i = 0; i < NR; ++i) mx[i] = m[i];
 }
 
+// Adds a relative positional bias to one pair's scores (ROWS vectors at sc; the queries' bias rows for window
+// row r at lo[r], hi[r]: K2 entries each, Args::rpb's layout) divided by the scale, as the generic forward's
+// add_bias_segments does, and returns the scores' running max (lanes past a window row's end masked).
+template <class Cfg>
+NATGEN_INLINE VecTraits<float>::type pair_bias(float* __restrict sc, const float* const* lo, const float* const* hi,
+                                              float inv_scale) {
+    typedef VecTraits<float>::type Vec;
+    typedef VecTraits<float>::itype IVec;
+    typedef FixedFwd<Cfg> F;
+    IVec lane;
+    for (int l = 0; l < 16; ++l) lane[l] = l & (F::H - 1);
+    const auto valid = lane < (IVec{} + F::K2);
+    const Vec lowest = Vec{} - std::numeric_limits<float>::infinity();
+    Vec mx = lowest;
+    for (int r = 0; r < F::ROWS; ++r) {
+        const Vec x = load<float>(sc + r * F::V) + load_halves_first(lo[r], hi[r], F::K2) * inv_scale;
+        store<float>(sc + r * F::V, x);
+        mx = max_ps(valid ? x : lowest, mx);
+    }
+    return mx;
+}
+
 // Softmax of four pairs' scores (pair q's ROWS vectors at sc[q], probabilities to pr[q]), as fixed_probs
 // does for four queries: m2[2 q + h], l[2 q + h] are the numbers of half h of pair q.
 template <class Cfg>
@@ -703,8 +725,8 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     // left out: a missing column l2 + 1 leaves its pairs out, a missing partner makes its pair the query with
     // itself (its window loaded into both halves, the upper one's numbers dropped), so every query, whichever
     // of its neighbours exist, is computed by the same steps and has the same bits.
-    auto pair_block = [&](int64_t l2, int nr, int64_t dv, const int64_t* corner01, const int64_t* row01,
-                          const int64_t* vcorner01) {
+    auto pair_block = [&](int64_t l0, int64_t l1, int64_t l2, int nr, int64_t dv, const int64_t* corner01,
+                          const int64_t* row01, const int64_t* vcorner01) {
         if constexpr (F::PAIRS) {
             const int n = l2 + 1 < hi[2] ? 2 : 1;  // columns l2, l2 + 1 present
             bool up[2] = {false, false};           // whether column l2 + k + H is
@@ -761,6 +783,31 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 else
                     scores(std::false_type{});
                 for (int i = 0; i < nr; ++i) mx[2 * i + k] = m[i];
+            }
+            if (a.rpb) {
+                // each query's bias rows (add_bias_segments' indexing), added before the softmax
+                const int64_t span1 = 2 * F::K1 - 1, span2 = 2 * F::K2 - 1;
+                const float* table = reinterpret_cast<const float*>(a.rpb) + t.h * (2 * F::K0 - 1) * span1 * span2;
+                const int64_t first0 = F::K0 - 1 + t.ax[0]->start[l0] - l0;
+                for (int i = 0; i < nr; ++i) {
+                    const int64_t first1 = F::K1 - 1 + t.ax[1]->start[l1 + i] - (l1 + i);
+                    for (int k = 0; k < n; ++k) {
+                        int64_t first2[2];
+                        for (int h = 0; h < 2; ++h) {
+                            const int64_t col = l2 + k + (h && up[k] ? F::H : 0);
+                            first2[h] = F::K2 - 1 + t.ax[2]->start[col] - col;
+                        }
+                        const float* rlo[F::ROWS];
+                        const float* rhi[F::ROWS];
+                        for (int a0 = 0; a0 < F::K0; ++a0)
+                            for (int a1 = 0; a1 < F::K1; ++a1) {
+                                const float* row = table + ((first0 + a0) * span1 + first1 + a1) * span2;
+                                rlo[a0 * F::K1 + a1] = row + first2[0];
+                                rhi[a0 * F::K1 + a1] = row + first2[1];
+                            }
+                        mx[2 * i + k] = pair_bias<Cfg>(sc + (2 * i + k) * NS, rlo, rhi, T(1) / T(a.scale));
+                    }
+                }
             }
             T inv[2][4];
             {
@@ -918,7 +965,7 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
             // runs of V columns: blocks l2, l2 + 1 of the first half paired with l2 + H, l2 + H + 1
             for (int64_t c0 = lo[2]; c0 < hi[2]; c0 += V)
                 for (int64_t l2 = c0; l2 < std::min(c0 + F::H, hi[2]); l2 += 2)
-                    pair_block(l2, nr, dv, corner01, row01, vcorner01);
+                    pair_block(l0, l1, l2, nr, dv, corner01, row01, vcorner01);
         } else
 #endif
         {

@@ -387,6 +387,12 @@ NATGEN_INLINE VecTraits<float>::type dot_bf16_pairs(VecTraits<float>::type acc, 
     asm("vdpbf16ps %2, %1, %0" : "+v"(r) : "v"(__m512(x)), "vm"(__m512(k)));
     return VecTraits<float>::type(r);
 }
+// lanes [0, n) from lo and [8, 8 + n) from hi, the others 0 (n <= 8; nothing past n is read)
+NATGEN_INLINE VecTraits<float>::type load_halves_first(const float* lo, const float* hi, int n) {
+    const __mmask8 m = static_cast<__mmask8>((1u << n) - 1);
+    return VecTraits<float>::type(
+        _mm512_insertf32x8(_mm512_zextps256_ps512(_mm256_maskz_loadu_ps(m, lo)), _mm256_maskz_loadu_ps(m, hi), 1));
+}
 // a in the lower half, b in the upper
 NATGEN_INLINE VecTraits<float>::type pair_splat(float a, float b) {
     return VecTraits<float>::type(_mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1));

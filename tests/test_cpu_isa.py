@@ -36,6 +36,8 @@ CASES = {
     # fixed-shape groups holding both borders' clamped queries (a last axis of 14 on AVX-512, of 7 on AVX2)
     "fixed_2d_narrow_14": ((7, 14), 7, 1, 1, False, 2, 2, 32, False),
     "fixed_2d_narrow_7": ((9, 7), 7, 1, 1, False, 1, 1, 32, False),
+    # the bias on a fixed shape (AVX-512: the query-pair path adds it; the other variants take the generic one)
+    "fixed_2d_rpb_dilated": ((23, 30), 7, 1, 2, False, 2, 2, 32, True),
     # fixed-shape with strides and dilation: windows of a query pair apart by other than 8 columns (AVX-512)
     "fixed_2d_strided": ((30, 37), 7, (3, 3), (1, 2), False, 2, 2, 32, False),
     # the generic K=any paths: a causal axis, dilation, strides
