@@ -305,6 +305,53 @@ NATGEN_INLINE void fixed_dot_rows(const typename Cfg::T* __restrict kb, const ty
     if constexpr (R0 + NB < F::K1) fixed_dot_rows<Cfg, R0 + NB>(kb, x, sc, mx);
 }
 
+// The relative positional bias of the specialized forward (Args::rpb): query (l0, l1, col)'s table rows, one a
+// window row (add_bias_segments' indexing), each K2 contiguous entries from rows[r].
+template <class Cfg>
+NATGEN_INLINE void fixed_bias_rows(const Plan& p, const TileRef& t, int64_t l0, int64_t l1, int64_t col,
+                                   const typename Cfg::T** rows) {
+    typedef typename Cfg::T T;
+    typedef FixedFwd<Cfg> F;
+    const int64_t span1 = 2 * F::K1 - 1, span2 = 2 * F::K2 - 1;
+    const T* table = reinterpret_cast<const T*>(p.a->rpb) + t.h * (2 * F::K0 - 1) * span1 * span2;
+    const int64_t first0 = F::K0 - 1 + t.ax[0]->start[l0] - l0, first1 = F::K1 - 1 + t.ax[1]->start[l1] - l1;
+    const int64_t first2 = F::K2 - 1 + t.ax[2]->start[col] - col;
+    for (int a0 = 0; a0 < F::K0; ++a0)
+        for (int a1 = 0; a1 < F::K1; ++a1)
+            rows[a0 * F::K1 + a1] = table + ((first0 + a0) * span1 + first1 + a1) * span2 + first2;
+}
+
+// Adds one query's bias (rows: fixed_bias_rows) divided by the scale to its scores (NSEG vectors at sc), as the
+// generic forward's add_bias_segments does, and returns their running max. A vector that would read past the
+// table's end (`end`) is read entry by entry.
+template <class Cfg>
+NATGEN_INLINE typename VecTraits<typename Cfg::T>::type fixed_bias(typename Cfg::T* __restrict sc,
+                                                                   const typename Cfg::T* const* rows,
+                                                                   typename Cfg::T inv_scale,
+                                                                   const typename Cfg::T* end) {
+    typedef typename Cfg::T T;
+    typedef typename VecTraits<T>::type Vec;
+    typedef FixedFwd<Cfg> F;
+    constexpr int V = F::V;
+    Vec m = Vec{} - std::numeric_limits<T>::infinity();
+    for (int r = 0; r < F::ROWS; ++r)
+        for (int c = 0; c < F::CH; ++c) {
+            const T* src = rows[r] + c * V;
+            const int valid = c == F::CH - 1 ? F::LAST : V;
+            Vec b = Vec{};
+            if (src + V <= end) {
+                b = lane_mask<T>(valid) ? load<T>(src) : Vec{};
+            } else {
+                for (int j = 0; j < valid; ++j) b[j] = src[j];
+            }
+            T* at = sc + (r * F::CH + c) * V;
+            const Vec x = load<T>(at) + b * inv_scale;
+            store<T>(at, x);
+            m = running_max<Cfg>(m, x, c);
+        }
+    return m;
+}
+
 // Strides (elements) between a window's value rows on axes 0, 1 and between its keys on axis 2: in the tile's
 // gathered union (compile-time: immediate displacements), or in v itself (fp32 inputs, whose values the P.V
 // reads in place: no copy, and its loads overlap the tile's arithmetic where a gather would stall on them).
@@ -785,29 +832,15 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 for (int i = 0; i < nr; ++i) mx[2 * i + k] = m[i];
             }
             if (a.rpb) {
-                // each query's bias rows (add_bias_segments' indexing), added before the softmax
-                const int64_t span1 = 2 * F::K1 - 1, span2 = 2 * F::K2 - 1;
-                const float* table = reinterpret_cast<const float*>(a.rpb) + t.h * (2 * F::K0 - 1) * span1 * span2;
-                const int64_t first0 = F::K0 - 1 + t.ax[0]->start[l0] - l0;
-                for (int i = 0; i < nr; ++i) {
-                    const int64_t first1 = F::K1 - 1 + t.ax[1]->start[l1 + i] - (l1 + i);
+                // each query's bias, added before the softmax (masked loads: no entry past a row is read)
+                for (int i = 0; i < nr; ++i)
                     for (int k = 0; k < n; ++k) {
-                        int64_t first2[2];
-                        for (int h = 0; h < 2; ++h) {
-                            const int64_t col = l2 + k + (h && up[k] ? F::H : 0);
-                            first2[h] = F::K2 - 1 + t.ax[2]->start[col] - col;
-                        }
-                        const float* rlo[F::ROWS];
-                        const float* rhi[F::ROWS];
-                        for (int a0 = 0; a0 < F::K0; ++a0)
-                            for (int a1 = 0; a1 < F::K1; ++a1) {
-                                const float* row = table + ((first0 + a0) * span1 + first1 + a1) * span2;
-                                rlo[a0 * F::K1 + a1] = row + first2[0];
-                                rhi[a0 * F::K1 + a1] = row + first2[1];
-                            }
+                        const T* rlo[F::ROWS];
+                        const T* rhi[F::ROWS];
+                        fixed_bias_rows<Cfg>(p, t, l0, l1 + i, l2 + k, rlo);
+                        fixed_bias_rows<Cfg>(p, t, l0, l1 + i, l2 + k + (up[k] ? F::H : 0), rhi);
                         mx[2 * i + k] = pair_bias<Cfg>(sc + (2 * i + k) * NS, rlo, rhi, T(1) / T(a.scale));
                     }
-                }
             }
             T inv[2][4];
             {
@@ -908,6 +941,17 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                 else
                     for (int i = 0; i < nr; ++i)
                         fixed_scores<Cfg>(kt + corner[i][k], qk[i], sc + (2 * i + k) * NS, mx + 2 * i + k);
+            }
+            if (a.rpb) {
+                // each query's bias, added before the softmax
+                const T* end = reinterpret_cast<const T*>(a.rpb) +
+                               a.heads * (2 * F::K0 - 1) * (2 * F::K1 - 1) * (2 * F::K2 - 1);
+                for (int i = 0; i < nr; ++i)
+                    for (int k = 0; k < n; ++k) {
+                        const T* rows[F::ROWS];
+                        fixed_bias_rows<Cfg>(p, t, l0, l1 + i, l2 + k, rows);
+                        mx[2 * i + k] = fixed_bias<Cfg>(sc + (2 * i + k) * NS, rows, T(1) / T(a.scale), end);
+                    }
             }
             {
                 // the block's queries (2 i + k), softmaxed together; a lone query fills its pair's second slot too

@@ -228,8 +228,7 @@ template <class Cfg> Plan make_plan(const Args& a, bool forward, bool bf16_dot =
     p.max_segments = p.K[0] * p.K[1] * p.chunks + p.extra_padded / V;
     typedef FixedFwd<Cfg> F;
     // strided problems can have wider key unions than TILE + K - 1 (tiles that split a stride group)
-    // (a relative positional bias: on the query-pair path only, pair_bias)
-    p.fixed = F::enabled && p.n_extra == 0 && (!a.rpb || F::PAIRS) && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
+    p.fixed = F::enabled && p.n_extra == 0 && p.hd == F::HD && p.hdv == F::HD && p.fwd_union[0] <= F::ROWS0 &&
               p.fwd_union[1] <= F::ROWS1 && p.fwd_union[2] + F::CH * V - F::K2 <= F::ROWLEN;
     p.fixed_keys = p.fixed ? F::KEYS : 0;
     p.fixed_gathers_values = p.fixed && (input_kind<T>(a) != kInputCompute ||
