@@ -582,6 +582,14 @@ NATGEN_FIXED_TARGET void fixed_probs(const typename Cfg::T* const* sc, const typ
 // [H, V). Their windows start S8 keys apart on the last axis: H in the interior (CONTIG: one load covers
 // both), fewer where a window is clamped at the border (the halves loaded apart).
 
+// The lanes of a pair vector that hold keys: the first K2 of each half
+template <class Cfg> NATGEN_INLINE auto pair_key_lanes() {
+    typedef VecTraits<float>::itype IVec;
+    IVec lane;
+    for (int l = 0; l < 16; ++l) lane[l] = l & (FixedFwd<Cfg>::H - 1);
+    return lane < (IVec{} + FixedFwd<Cfg>::K2);
+}
+
 // Scores of NR (1 or 2) pairs stacked on axis 1 (the second pair's window DV rows below the first's, as in
 // fixed_dot_rows2), union rows [U0, U0 + NB) of one window plane, all in registers; pair i's queries are
 // lo[i], hi[i], its scores go to sc[i] and its running max to mx[i] (lanes past a window row's end masked).
@@ -624,10 +632,7 @@ NATGEN_INLINE void pair_dot_rows(const float* __restrict kb, int64_t s8, const f
             }
         }
     }
-    typedef VecTraits<float>::itype IVec;
-    IVec lane;
-    for (int l = 0; l < 16; ++l) lane[l] = l & (F::H - 1);
-    const auto valid = lane < (IVec{} + F::K2);
+    const auto valid = pair_key_lanes<Cfg>();
     const Vec lowest = Vec{} - std::numeric_limits<float>::infinity();
 #pragma GCC unroll 16
     for (int u = 0; u < NB; ++u) {
@@ -665,11 +670,8 @@ template <class Cfg>
 NATGEN_INLINE VecTraits<float>::type pair_bias(float* __restrict sc, const float* const* lo, const float* const* hi,
                                               float inv_scale) {
     typedef VecTraits<float>::type Vec;
-    typedef VecTraits<float>::itype IVec;
     typedef FixedFwd<Cfg> F;
-    IVec lane;
-    for (int l = 0; l < 16; ++l) lane[l] = l & (F::H - 1);
-    const auto valid = lane < (IVec{} + F::K2);
+    const auto valid = pair_key_lanes<Cfg>();
     const Vec lowest = Vec{} - std::numeric_limits<float>::infinity();
     Vec mx = lowest;
     for (int r = 0; r < F::ROWS; ++r) {
@@ -686,7 +688,6 @@ template <class Cfg>
 NATGEN_FIXED_TARGET void pair_probs(const float* const* sc, const VecTraits<float>::type* mx, float scale2,
                                     float* const* pr, float* m2, float* l) {
     typedef VecTraits<float>::type Vec;
-    typedef VecTraits<float>::itype IVec;
     typedef FixedFwd<Cfg> F;
     float mq[8];
     reduce_pairs4<true>(mx, mq);
@@ -697,9 +698,7 @@ NATGEN_FIXED_TARGET void pair_probs(const float* const* sc, const VecTraits<floa
         bias[q] = pair_splat(-m2[2 * q], -m2[2 * q + 1]);
         vsum[q] = Vec{};
     }
-    IVec lane;
-    for (int j = 0; j < 16; ++j) lane[j] = j & (F::H - 1);
-    const auto valid = lane < (IVec{} + F::K2);
+    const auto valid = pair_key_lanes<Cfg>();
 #pragma GCC unroll 16
     for (int r = 0; r < F::ROWS; ++r)
 #pragma GCC unroll 4
@@ -764,6 +763,32 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
     // queries in 2 x 2 blocks (two rows of axis 1, two neighbours on the last axis): scores of the two queries
     // stacked on axis 1 together (fixed_scores2), the softmax of the block's four together (fixed_probs), P.V
     // of the two side by side on the last axis together (fixed_pv2)
+    // P.V of tile row i's query qa and, where `both`, its right neighbour qb (probabilities at pa, pb; window
+    // corners, rows, inverse sums and columns in corner[q], row[q], inv[q], col[q]; vcorner: the row's value
+    // corner in v): fixed_pv2 where qb's window is qa's shifted by 1 or 0 columns (each value row loaded once
+    // for both), else each alone; 16-bit outputs narrowed as written
+    auto pv_pair = [&](int i, int qa, int qb, bool both, const T* pa, const T* pb, const int64_t* corner,
+                       const int64_t* row, const T* inv, const int64_t* col, int64_t vcorner) {
+        const int64_t delta = both ? corner[qb] - corner[qa] : -1;
+        auto pv = [&](const auto& st, const auto& corner_of) {
+            if (delta == 1)
+                fixed_pv2<Cfg, 0, 1>(corner_of(qa), st, pa, pb, output(i, qa, row[qa]), output(i, qb, row[qb]),
+                                     inv[qa], inv[qb]);
+            else if (delta == 0)
+                fixed_pv2<Cfg, 0, 0>(corner_of(qa), st, pa, pb, output(i, qa, row[qa]), output(i, qb, row[qb]),
+                                     inv[qa], inv[qb]);
+            else {
+                fixed_pv<Cfg, 0>(corner_of(qa), st, pa, output(i, qa, row[qa]), inv[qa]);
+                if (both) fixed_pv<Cfg, 0>(corner_of(qb), st, pb, output(i, qb, row[qb]), inv[qb]);
+            }
+        };
+        if (p.fixed_gathers_values)
+            pv(ust, [&](int q) { return vu + corner[q] * F::HD; });
+        else
+            pv(sst, [&](int q) { return vsrc + vcorner + t.ax[2]->start[col[q]] * sst.s2; });
+        if (in)
+            for (int q = qa; q <= (both ? qb : qa); ++q) output_rows<T>(in, ow[i][q], F::HD, a.out, row[q] * F::HD);
+    };
 #if NATGEN_AVX && NATGEN_VEC_BYTES == 64
     // columns l2, l2 + 1 of the rows l1, l1 + 1 (nr of them) with their partners H columns on, as query pairs:
     // query (i, k, h) is row i's column l2 + k + H h, numbered k + 2 h in its row; pair (i, k) holds (i, k, 0)
@@ -869,36 +894,11 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                     }
                 }
             }
+            const int64_t col[4] = {l2, l2 + 1, l2 + F::H, l2 + F::H + 1};  // query q's column
             for (int i = 0; i < nr; ++i)
-                for (int h = 0; h < (up[0] ? 2 : 1); ++h) {
-                    const int qa = 2 * h, qb = 2 * h + 1;  // queries (i, 0, h), (i, 1, h)
-                    const bool both = n == 2 && (h == 0 || up[1]);
-                    const T* pa = pr + 2 * i * NS + F::H * h;
-                    const T* pb = pr + (2 * i + 1) * NS + F::H * h;
-                    const int64_t delta = both ? corner[i][qb] - corner[i][qa] : -1;
-                    auto pv = [&](const auto& st, const auto& corner_of) {
-                        if (delta == 1)
-                            fixed_pv2<Cfg, 0, 1>(corner_of(qa), st, pa, pb, output(i, qa, row[i][qa]),
-                                                 output(i, qb, row[i][qb]), inv[i][qa], inv[i][qb]);
-                        else if (delta == 0)
-                            fixed_pv2<Cfg, 0, 0>(corner_of(qa), st, pa, pb, output(i, qa, row[i][qa]),
-                                                 output(i, qb, row[i][qb]), inv[i][qa], inv[i][qb]);
-                        else {
-                            fixed_pv<Cfg, 0>(corner_of(qa), st, pa, output(i, qa, row[i][qa]), inv[i][qa]);
-                            if (both)
-                                fixed_pv<Cfg, 0>(corner_of(qb), st, pb, output(i, qb, row[i][qb]), inv[i][qb]);
-                        }
-                    };
-                    if (p.fixed_gathers_values)
-                        pv(ust, [&](int q) { return vu + corner[i][q] * F::HD; });
-                    else
-                        pv(sst, [&](int q) {
-                            return vsrc + vcorner01[i] + t.ax[2]->start[l2 + q % 2 + F::H * (q / 2)] * sst.s2;
-                        });
-                    if (in)
-                        for (int q = qa; q <= (both ? qb : qa); ++q)
-                            output_rows<T>(in, ow[i][q], F::HD, a.out, row[i][q] * F::HD);
-                }
+                for (int h = 0; h < (up[0] ? 2 : 1); ++h)  // queries (i, 0, h), (i, 1, h)
+                    pv_pair(i, 2 * h, 2 * h + 1, n == 2 && (h == 0 || up[1]), pr + 2 * i * NS + F::H * h,
+                            pr + (2 * i + 1) * NS + F::H * h, corner[i], row[i], inv[i], col, vcorner01[i]);
         }
     };
 #endif
@@ -980,29 +980,10 @@ NATGEN_FIXED_TARGET void fixed_tile(const Plan& p, const TileRef& t, FwdScratch<
                     row_l[i][slot] = lq[j];
                 }
             }
-            for (int i = 0; i < nr; ++i) {
-                const T* pa = pr + 2 * i * NS;
-                const int64_t delta = n == 2 ? corner[i][1] - corner[i][0] : -1;
-                auto pv = [&](const auto& st, const auto& corner_of) {
-                    if (delta == 1)
-                        fixed_pv2<Cfg, 0, 1>(corner_of(0), st, pa, pa + NS, output(i, 0, row[i][0]),
-                                             output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
-                    else if (delta == 0)
-                        fixed_pv2<Cfg, 0, 0>(corner_of(0), st, pa, pa + NS, output(i, 0, row[i][0]),
-                                             output(i, 1, row[i][1]), inv[i][0], inv[i][1]);
-                    else
-                        for (int k = 0; k < n; ++k)
-                            fixed_pv<Cfg, 0>(corner_of(k), st, pa + k * NS, output(i, k, row[i][k]), inv[i][k]);
-                };
-                if (p.fixed_gathers_values)
-                    pv(ust, [&](int k) { return vu + corner[i][k] * F::HD; });
-                else
-                    pv(sst, [&](int k) {
-                        return vsrc + vcorner01[i] + t.ax[2]->start[l2 + k] * sst.s2;
-                    });
-                if (in)
-                    for (int k = 0; k < n; ++k) output_rows<T>(in, ow[i][k], F::HD, a.out, row[i][k] * F::HD);
-            }
+            const int64_t col[2] = {l2, l2 + 1};
+            for (int i = 0; i < nr; ++i)
+                pv_pair(i, 0, 1, n == 2, pr + 2 * i * NS, pr + (2 * i + 1) * NS, corner[i], row[i], inv[i], col,
+                        vcorner01[i]);
         };
 #if NATGEN_AVX && NATGEN_VEC_BYTES == 64
         if constexpr (F::PAIRS) {
